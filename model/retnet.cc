@@ -1,0 +1,499 @@
+#include "model/retnet.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <c10/core/InferenceMode.h>
+
+#include <cmath>
+#include <exception>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "common/status_macros.h"
+
+namespace retnet::model {
+namespace {
+
+at::Tensor Activate(const at::Tensor& x, Activation a) {
+  return a == Activation::kSwish ? at::silu(x) : at::gelu(x);
+}
+
+// D[h, r, j] = gamma_h^(r-j) for r >= j, else 0; fp32 [H, c, c].
+at::Tensor DecayMask(const at::Tensor& log_decay, int64_t c) {
+  at::Tensor idx = at::arange(c, log_decay.options());
+  at::Tensor diff = idx.view({c, 1}) - idx.view({1, c});
+  at::Tensor causal = diff.ge(0);
+  return at::exp(diff.clamp_min(0).unsqueeze(0) * log_decay.view({-1, 1, 1})) * causal;
+}
+
+// alpha[h, n] = 1/sqrt(c_n), c_n = sum_{j<=n} gamma^j = expm1((n+1) log g) / expm1(log g).
+// `positions` fp32 [...]; returns [H, ...].
+at::Tensor InvSqrtCn(const at::Tensor& log_decay, const at::Tensor& positions) {
+  std::vector<int64_t> shape = {log_decay.size(0)};
+  for (int64_t i = 0; i < positions.dim(); ++i) shape.push_back(1);
+  at::Tensor lg = log_decay.view(shape);
+  return at::rsqrt(at::expm1((positions.unsqueeze(0) + 1) * lg) / at::expm1(lg));
+}
+
+// c10::Error::what() appends a backtrace after the first line; keep the message only.
+std::string FirstLine(const char* text) {
+  std::string s(text);
+  const size_t nl = s.find('\n');
+  return nl == std::string::npos ? s : s.substr(0, nl);
+}
+
+std::string ShapeString(at::IntArrayRef shape) { return absl::StrCat("[", absl::StrJoin(shape, ", "), "]"); }
+
+}  // namespace
+
+LayerBuffers DefaultBuffers(const ModelConfig& config) {
+  const int64_t h = config.num_heads;
+  const int64_t half = config.head_k_dim() / 2;
+  std::vector<float> log_decay(h), theta(half);
+  for (int64_t i = 0; i < h; ++i) log_decay[i] = static_cast<float>(std::log1p(-std::pow(2.0, -5.0 - i)));
+  for (int64_t i = 0; i < half; ++i) {
+    double exponent = config.rotary == Rotary::kInterleaved
+                          ? static_cast<double>(i) / static_cast<double>(half - 1)
+                          : 2.0 * static_cast<double>(i) / static_cast<double>(2 * half);
+    theta[i] = static_cast<float>(std::pow(config.rope_base, -exponent));
+  }
+  LayerBuffers b;
+  b.log_decay = at::tensor(log_decay, at::kFloat);
+  b.theta = at::tensor(theta, at::kFloat);
+  return b;
+}
+
+absl::StatusOr<at::Device> ParseDevice(const std::string& name) {
+  if (name == "cpu") return at::Device(at::kCPU);
+  if (name.rfind("cuda", 0) == 0) {
+    if (!at::hasCUDA()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("device ", name, " requested but this LibTorch build has no usable CUDA device"));
+    }
+    try {
+      return at::Device(name);
+    } catch (const std::exception&) {
+      return absl::InvalidArgumentError(absl::StrCat("device: cannot parse '", name, "'"));
+    }
+  }
+  return absl::InvalidArgumentError(absl::StrCat("device: '", name, "' is not cpu or cuda[:N]"));
+}
+
+absl::StatusOr<at::ScalarType> ParseDtype(const std::string& name) {
+  if (name == "float32" || name == "fp32") return at::kFloat;
+  if (name == "bfloat16" || name == "bf16") return at::kBFloat16;
+  if (name == "float16" || name == "fp16") return at::kHalf;
+  return absl::InvalidArgumentError(
+      absl::StrCat("dtype: '", name, "' is not one of float32, bfloat16, float16"));
+}
+
+absl::StatusOr<std::unique_ptr<RetNet>> RetNet::Create(ModelConfig config, ModelWeights weights,
+                                                       const ModelOptions& options) {
+  RETURN_IF_ERROR(config.Validate());
+  if (options.dtype != at::kFloat && options.dtype != at::kBFloat16 && options.dtype != at::kHalf) {
+    return absl::InvalidArgumentError("dtype must be float32, bfloat16 or float16");
+  }
+  const auto expected = ExpectedTensors(config);
+  for (const auto& [name, shape] : expected) {
+    auto it = weights.tensors.find(name);
+    if (it == weights.tensors.end()) {
+      return absl::InvalidArgumentError(absl::StrCat("missing weight '", name, "'"));
+    }
+    if (it->second.sizes().vec() != shape) {
+      return absl::InvalidArgumentError(absl::StrCat("weight '", name, "' has shape ",
+                                                     ShapeString(it->second.sizes()),
+                                                     ", expected ", ShapeString(shape)));
+    }
+    if (!at::isFloatingType(it->second.scalar_type())) {
+      return absl::InvalidArgumentError(absl::StrCat("weight '", name, "' is not floating point"));
+    }
+  }
+  for (const auto& [name, tensor] : weights.tensors) {
+    if (expected.count(name) == 0) {
+      return absl::InvalidArgumentError(absl::StrCat("unexpected weight '", name, "'"));
+    }
+  }
+  if (static_cast<int64_t>(weights.buffers.size()) != config.num_layers) {
+    return absl::InvalidArgumentError("need one decay/theta buffer set per layer");
+  }
+
+  std::unique_ptr<RetNet> net(new RetNet(std::move(config), options));
+  net->compute_dtype_ =
+      options.dtype == at::kHalf && options.device.is_cpu() ? at::kFloat : options.dtype;
+  const ModelConfig& c = net->config_;
+  try {
+    auto param = [&](const std::string& name) -> at::Tensor {
+      auto it = weights.tensors.find(name);
+      if (it == weights.tensors.end()) return at::Tensor();
+      return it->second.to(options.device, options.dtype).contiguous();
+    };
+    auto fp32 = [&](const std::string& name) -> at::Tensor {
+      auto it = weights.tensors.find(name);
+      if (it == weights.tensors.end()) return at::Tensor();
+      return it->second.to(options.device, at::kFloat).contiguous();
+    };
+    auto linear = [&](const std::string& name) { return Linear{param(name + ".w"), param(name + ".b")}; };
+    auto norm = [&](const std::string& name) { return Norm{fp32(name + ".w"), fp32(name + ".b")}; };
+    if (c.is_language_model()) {
+      net->embed_ = param("embed.w");
+      net->lm_head_ = c.tied_head ? net->embed_ : param("lm_head.w");
+      net->embed_norm_ = norm("embed_norm");
+      net->final_norm_ = norm("final_norm");
+    }
+    for (int64_t i = 0; i < c.num_layers; ++i) {
+      const std::string p = absl::StrCat("layers.", i, ".");
+      Layer layer;
+      layer.attn_norm = norm(p + "attn_norm");
+      layer.ffn_norm = norm(p + "ffn_norm");
+      layer.q = linear(p + "q");
+      layer.k = linear(p + "k");
+      layer.v = linear(p + "v");
+      layer.g = linear(p + "g");
+      layer.o = linear(p + "o");
+      layer.gn_w = fp32(p + "gn.w");
+      layer.gn_b = fp32(p + "gn.b");
+      for (size_t j = 0; j < c.ffn_dims.size() && c.ffn == FfnKind::kSeedMlp; ++j) {
+        layer.mlp.push_back(linear(absl::StrCat(p, "mlp.", j)));
+      }
+      layer.ffn_act = linear(p + "ffn.act");
+      layer.ffn_lin = linear(p + "ffn.lin");
+      layer.ffn_out = linear(p + "ffn.out");
+      layer.inner_norm = norm(p + "ffn.inner_norm");
+      const LayerBuffers& b = weights.buffers[i];
+      if (b.log_decay.numel() != c.num_heads || b.theta.numel() != c.head_k_dim() / 2) {
+        return absl::InvalidArgumentError(absl::StrCat("layer ", i, ": decay buffer must have ",
+                                                       c.num_heads, " entries and theta ",
+                                                       c.head_k_dim() / 2));
+      }
+      layer.log_decay = b.log_decay.to(options.device, at::kFloat).contiguous();
+      layer.theta = b.theta.to(options.device, at::kFloat).contiguous();
+      net->layers_.push_back(std::move(layer));
+    }
+  } catch (const std::exception& e) {
+    return absl::InternalError(absl::StrCat("moving weights to the device failed: ", FirstLine(e.what())));
+  }
+  return net;
+}
+
+absl::StatusOr<std::unique_ptr<RetNet>> RetNet::CreateRandom(ModelConfig config, uint64_t seed,
+                                                             const ModelOptions& options) {
+  RETURN_IF_ERROR(config.Validate());
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  ModelWeights weights;
+  for (const auto& [name, shape] : ExpectedTensors(config)) {
+    at::Tensor noise = at::randn(shape, gen, at::TensorOptions().dtype(at::kFloat));
+    const bool is_bias = name.size() > 2 && name.compare(name.size() - 2, 2, ".b") == 0;
+    if (shape.size() == 1) {
+      // Norm gains near 1, biases small but non-zero.
+      weights.tensors[name] = is_bias ? noise * 0.02 : 1.0 + noise * 0.1;
+    } else if (name == "embed.w") {
+      weights.tensors[name] = noise;
+    } else {
+      weights.tensors[name] = noise / std::sqrt(static_cast<double>(shape[1]));
+    }
+  }
+  for (int64_t i = 0; i < config.num_layers; ++i) weights.buffers.push_back(DefaultBuffers(config));
+  return Create(std::move(config), std::move(weights), options);
+}
+
+std::vector<int64_t> RetNet::StateShape(int64_t batch) const {
+  return {config_.num_layers, batch, config_.num_heads, config_.head_k_dim(), config_.head_v_dim()};
+}
+
+int64_t RetNet::StateBytesPerSession() const {
+  return config_.num_layers * config_.num_heads * config_.head_k_dim() * config_.head_v_dim() *
+         static_cast<int64_t>(sizeof(float));
+}
+
+at::Tensor RetNet::NewState(int64_t batch) const {
+  return at::zeros(StateShape(batch), at::TensorOptions().dtype(at::kFloat).device(options_.device));
+}
+
+absl::Status RetNet::CheckState(const at::Tensor& state, int64_t batch) const {
+  if (!state.defined()) return absl::InvalidArgumentError("state: undefined tensor");
+  if (state.scalar_type() != at::kFloat) return absl::InvalidArgumentError("state: must be float32");
+  if (state.device() != options_.device) {
+    return absl::InvalidArgumentError(absl::StrCat("state: on ", state.device().str(),
+                                                   ", the model is on ", options_.device.str()));
+  }
+  if (state.sizes().vec() != StateShape(batch)) {
+    return absl::InvalidArgumentError(absl::StrCat("state: shape ", ShapeString(state.sizes()),
+                                                   ", expected ", ShapeString(StateShape(batch))));
+  }
+  if (state.stride(4) != 1 || state.stride(3) != config_.head_v_dim() ||
+      state.stride(2) != config_.head_k_dim() * config_.head_v_dim() ||
+      state.stride(1) != config_.num_heads * config_.head_k_dim() * config_.head_v_dim()) {
+    return absl::InvalidArgumentError("state: each layer's [B, H, d_k, d_v] block must be contiguous");
+  }
+  return absl::OkStatus();
+}
+
+absl::Status RetNet::CheckInput(const at::Tensor& input, int64_t dims) const {
+  if (!input.defined()) return absl::InvalidArgumentError("input: undefined tensor");
+  if (config_.is_language_model()) {
+    if (input.scalar_type() != at::kLong || input.dim() != dims) {
+      return absl::InvalidArgumentError(absl::StrCat("tokens: expected int64 with ", dims,
+                                                     " dimensions, got ", c10::toString(input.scalar_type()),
+                                                     " ", ShapeString(input.sizes())));
+    }
+  } else if (!at::isFloatingType(input.scalar_type()) || input.dim() != dims + 1 ||
+             input.size(-1) != config_.hidden_size) {
+    return absl::InvalidArgumentError(absl::StrCat("features: expected floating point with ", dims + 1,
+                                                   " dimensions and last dimension ", config_.hidden_size,
+                                                   ", got ", ShapeString(input.sizes())));
+  }
+  return absl::OkStatus();
+}
+
+at::Tensor RetNet::ApplyLinear(const Linear& l, const at::Tensor& x) const {
+  if (l.w.scalar_type() != x.scalar_type()) {
+    // float16 weights on CPU: LibTorch 1.13 has no CPU float16 kernels, so activations run in
+    // fp32 and each weight is widened as it is used (storage stays float16).
+    c10::optional<at::Tensor> bias;
+    if (l.b.defined()) bias = l.b.to(x.scalar_type());
+    return at::linear(x, l.w.to(x.scalar_type()), bias);
+  }
+  c10::optional<at::Tensor> bias;
+  if (l.b.defined()) bias = l.b;
+  return at::linear(x, l.w, bias);
+}
+
+at::Tensor RetNet::ApplyNorm(const Norm& n, const at::Tensor& x, bool block) const {
+  const NormKind kind = block ? config_.block_norm : config_.group_norm;
+  const double eps = block ? config_.block_norm_eps : config_.group_norm_eps;
+  at::Tensor xf = x.to(at::kFloat);
+  at::Tensor y;
+  if (kind == NormKind::kLayerNorm) {
+    c10::optional<at::Tensor> w, b;
+    if (n.w.defined()) w = n.w;
+    if (n.b.defined()) b = n.b;
+    y = at::layer_norm(xf, {xf.size(-1)}, w, b, eps);
+  } else {
+    y = xf * at::rsqrt(xf.square().mean(-1, /*keepdim=*/true) + eps);
+    if (n.w.defined()) y = y * n.w;
+    if (n.b.defined()) y = y + n.b;
+  }
+  return y.to(x.scalar_type());
+}
+
+at::Tensor RetNet::Rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) const {
+  const int64_t half = x.size(-1) / 2;
+  if (config_.rotary == Rotary::kRotateHalf) {
+    at::Tensor a = x.narrow(-1, 0, half), b = x.narrow(-1, half, half);
+    return at::cat({a * cos - b * sin, b * cos + a * sin}, -1);
+  }
+  std::vector<int64_t> pairs = x.sizes().vec();
+  pairs.back() = half;
+  pairs.push_back(2);
+  at::Tensor xp = x.reshape(pairs);
+  at::Tensor a = xp.select(-1, 0), b = xp.select(-1, 1);
+  return at::stack({a * cos - b * sin, b * cos + a * sin}, -1).flatten(-2);
+}
+
+at::Tensor RetNet::Embed(const at::Tensor& input) const {
+  if (!config_.is_language_model()) return input.to(options_.device, compute_dtype_);
+  at::Tensor tokens = input.to(options_.device);
+  std::vector<int64_t> shape = tokens.sizes().vec();
+  shape.push_back(config_.hidden_size);
+  at::Tensor x = embed_.index_select(0, tokens.reshape({-1})).view(shape).to(compute_dtype_);
+  if (config_.embed_scale != 1.0) x = x * config_.embed_scale;
+  if (config_.embed_norm) x = ApplyNorm(embed_norm_, x, /*block=*/true);
+  return x;
+}
+
+at::Tensor RetNet::Head(const at::Tensor& x) const {
+  if (!config_.is_language_model()) return x.to(at::kFloat);
+  at::Tensor h = config_.final_norm ? ApplyNorm(final_norm_, x, /*block=*/true) : x;
+  return ApplyLinear(Linear{lm_head_, at::Tensor()}, h).to(at::kFloat);
+}
+
+at::Tensor RetNet::Ffn(const Layer& layer, const at::Tensor& x) const {
+  switch (config_.ffn) {
+    case FfnKind::kSeedMlp: {
+      at::Tensor y = x;
+      for (const Linear& l : layer.mlp) y = Activate(ApplyLinear(l, y), config_.ffn_act);
+      return y;
+    }
+    case FfnKind::kFfnV1: {
+      at::Tensor y = Activate(ApplyLinear(layer.ffn_act, x), config_.ffn_act);
+      if (config_.ffn_inner_norm) {
+        at::Tensor yf = y.to(at::kFloat);
+        y = at::layer_norm(yf, {yf.size(-1)}, layer.inner_norm.w, layer.inner_norm.b,
+                           config_.block_norm_eps)
+                .to(x.scalar_type());
+      }
+      return ApplyLinear(layer.ffn_out, y);
+    }
+    case FfnKind::kGlu:
+    case FfnKind::kSwiGlu:
+      return ApplyLinear(layer.ffn_out, Activate(ApplyLinear(layer.ffn_act, x), config_.ffn_act) *
+                                            ApplyLinear(layer.ffn_lin, x));
+  }
+  return x;
+}
+
+at::Tensor RetNet::MixOutput(const Layer& layer, const at::Tensor& o, const at::Tensor& g) const {
+  at::Tensor y = ApplyNorm(Norm{layer.gn_w, layer.gn_b}, o, /*block=*/false);
+  std::vector<int64_t> shape = g.sizes().vec();
+  y = y.reshape(shape).to(g.scalar_type());
+  return ApplyLinear(layer.o, Activate(g, config_.gate_act) * y);
+}
+
+at::Tensor RetNet::SequenceMixer(const Layer& layer, const at::Tensor& h, int64_t start,
+                                 const at::Tensor& state, int64_t chunk_size) const {
+  const int64_t batch = h.size(0), len = h.size(1), heads = config_.num_heads;
+  const int64_t dk = config_.head_k_dim(), dv = config_.head_v_dim();
+  at::Tensor q = ApplyLinear(layer.q, h).to(at::kFloat).view({batch, len, heads, dk});
+  at::Tensor k = ApplyLinear(layer.k, h).to(at::kFloat).view({batch, len, heads, dk});
+  at::Tensor v = ApplyLinear(layer.v, h).to(at::kFloat).view({batch, len, heads, dv});
+  at::Tensor g = ApplyLinear(layer.g, h);
+
+  at::Tensor pos = at::arange(start, start + len, layer.theta.options());
+  at::Tensor angle = pos.unsqueeze(1) * layer.theta.unsqueeze(0);  // [T, d_k/2]
+  at::Tensor cos = angle.cos().view({1, len, 1, dk / 2});
+  at::Tensor sin = angle.sin().view({1, len, 1, dk / 2});
+  const double scale = 1.0 / std::sqrt(static_cast<double>(dk));
+  q = Rotate(q, cos, sin);
+  k = Rotate(k, cos, sin);
+  if (config_.scale_on == ScaleOn::kQuery) {
+    q = q * scale;
+  } else {
+    k = k * scale;
+  }
+  q = q.transpose(1, 2);  // [B, H, T, d_k]
+  k = k.transpose(1, 2);
+  v = v.transpose(1, 2);
+  const at::Tensor& lg = layer.log_decay;
+
+  at::Tensor o;
+  if (!state.defined() && (chunk_size <= 0 || chunk_size >= len)) {
+    // Parallel form: (Q K^T ⊙ D) V.
+    o = at::matmul(at::matmul(q, k.transpose(-1, -2)) * DecayMask(lg, len), v);
+  } else {
+    at::Tensor s = state.defined() ? state : at::zeros({batch, heads, dk, dv}, q.options());
+    const int64_t c_max = chunk_size <= 0 ? len : chunk_size;
+    std::vector<at::Tensor> outs;
+    for (int64_t s0 = 0; s0 < len; s0 += c_max) {
+      const int64_t c = std::min(c_max, len - s0);
+      at::Tensor qc = q.narrow(2, s0, c), kc = k.narrow(2, s0, c), vc = v.narrow(2, s0, c);
+      at::Tensor r = at::arange(c, lg.options());
+      // inner_r = sum_{j<=r} gamma^(r-j) (q_r . k_j) v_j
+      at::Tensor oc = at::matmul(at::matmul(qc, kc.transpose(-1, -2)) * DecayMask(lg, c), vc);
+      // cross_r = gamma^(r+1) q_r^T S_prev
+      at::Tensor q_decay = at::exp((r + 1).unsqueeze(0) * lg.unsqueeze(1)).unsqueeze(-1);  // [H,c,1]
+      oc = oc + at::matmul(qc * q_decay, s);
+      // S <- gamma^c S + sum_j gamma^(c-1-j) k_j v_j^T
+      at::Tensor k_decay = at::exp((c - 1 - r).unsqueeze(0) * lg.unsqueeze(1)).unsqueeze(-1);
+      s.mul_(at::exp(lg * static_cast<double>(c)).view({1, heads, 1, 1}));
+      s.add_(at::matmul((kc * k_decay).transpose(-1, -2), vc));
+      outs.push_back(oc);
+    }
+    o = outs.size() == 1 ? outs[0] : at::cat(outs, 2);
+  }
+  if (config_.retention_norm == RetentionNorm::kInvSqrtCn) {
+    o = o * InvSqrtCn(lg, pos).unsqueeze(-1);  // [H, T, 1] broadcast over [B, H, T, d_v]
+  }
+  return MixOutput(layer, o.transpose(1, 2), g);  // o: [B, T, H, d_v]
+}
+
+at::Tensor RetNet::Sequence(const at::Tensor& input, const at::Tensor& state, int64_t start,
+                            int64_t chunk_size, Outputs outputs) const {
+  at::Tensor x = Embed(input);
+  for (size_t l = 0; l < layers_.size(); ++l) {
+    const Layer& layer = layers_[l];
+    at::Tensor s = state.defined() ? state.select(0, static_cast<int64_t>(l)) : at::Tensor();
+    x = x + SequenceMixer(layer, ApplyNorm(layer.attn_norm, x, true), start, s, chunk_size);
+    x = x + Ffn(layer, ApplyNorm(layer.ffn_norm, x, true));
+  }
+  if (outputs == Outputs::kLast) x = x.narrow(1, x.size(1) - 1, 1);
+  return Head(x);
+}
+
+absl::StatusOr<at::Tensor> RetNet::Parallel(const at::Tensor& input) const {
+  RETURN_IF_ERROR(CheckInput(input, 2));
+  if (input.size(1) == 0) return absl::InvalidArgumentError("input: empty sequence");
+  c10::InferenceMode guard;
+  try {
+    if (config_.is_language_model()) {
+      const int64_t lo = input.min().item<int64_t>(), hi = input.max().item<int64_t>();
+      if (lo < 0 || hi >= config_.vocab_size) {
+        return absl::InvalidArgumentError(absl::StrCat("tokens: ids must be in [0, ", config_.vocab_size,
+                                                       "), got ", lo < 0 ? lo : hi));
+      }
+    }
+    return Sequence(input, at::Tensor(), 0, 0, Outputs::kAll);
+  } catch (const std::exception& e) {
+    return absl::InternalError(absl::StrCat("parallel forward failed: ", FirstLine(e.what())));
+  }
+}
+
+absl::StatusOr<at::Tensor> RetNet::Chunkwise(const at::Tensor& input, const at::Tensor& state,
+                                             int64_t start, int64_t chunk_size,
+                                             Outputs outputs) const {
+  RETURN_IF_ERROR(CheckInput(input, 2));
+  RETURN_IF_ERROR(CheckState(state, input.size(0)));
+  if (input.size(1) == 0) return absl::InvalidArgumentError("input: empty sequence");
+  if (start < 0) return absl::InvalidArgumentError("start: must not be negative");
+  if (chunk_size < 0) return absl::InvalidArgumentError("chunk_size: must not be negative");
+  c10::InferenceMode guard;
+  try {
+    if (config_.is_language_model()) {
+      const int64_t lo = input.min().item<int64_t>(), hi = input.max().item<int64_t>();
+      if (lo < 0 || hi >= config_.vocab_size) {
+        return absl::InvalidArgumentError(absl::StrCat("tokens: ids must be in [0, ", config_.vocab_size,
+                                                       "), got ", lo < 0 ? lo : hi));
+      }
+    }
+    return Sequence(input, state, start, chunk_size == 0 ? input.size(1) : chunk_size, outputs);
+  } catch (const std::exception& e) {
+    return absl::InternalError(absl::StrCat("chunkwise forward failed: ", FirstLine(e.what())));
+  }
+}
+
+absl::StatusOr<at::Tensor> RetNet::Step(const at::Tensor& input, const at::Tensor& positions,
+                                        const at::Tensor& state) const {
+  RETURN_IF_ERROR(CheckInput(input, 1));
+  const int64_t batch = input.size(0);
+  RETURN_IF_ERROR(CheckState(state, batch));
+  if (positions.scalar_type() != at::kLong || positions.dim() != 1 || positions.size(0) != batch) {
+    return absl::InvalidArgumentError(absl::StrCat("positions: expected int64 [", batch, "]"));
+  }
+  c10::InferenceMode guard;
+  try {
+    const int64_t heads = config_.num_heads, dk = config_.head_k_dim(), dv = config_.head_v_dim();
+    const double scale = 1.0 / std::sqrt(static_cast<double>(dk));
+    at::Tensor pos = positions.to(options_.device, at::kFloat);
+    at::Tensor x = Embed(input);  // [B, D]
+    for (size_t l = 0; l < layers_.size(); ++l) {
+      const Layer& layer = layers_[l];
+      at::Tensor h = ApplyNorm(layer.attn_norm, x, true);
+      at::Tensor q = ApplyLinear(layer.q, h).to(at::kFloat).view({batch, heads, dk});
+      at::Tensor k = ApplyLinear(layer.k, h).to(at::kFloat).view({batch, heads, dk});
+      at::Tensor v = ApplyLinear(layer.v, h).to(at::kFloat).view({batch, heads, dv});
+      at::Tensor g = ApplyLinear(layer.g, h);
+      at::Tensor angle = pos.unsqueeze(1) * layer.theta.unsqueeze(0);  // [B, d_k/2]
+      at::Tensor cos = angle.cos().unsqueeze(1), sin = angle.sin().unsqueeze(1);
+      q = Rotate(q, cos, sin);
+      k = Rotate(k, cos, sin);
+      if (config_.scale_on == ScaleOn::kQuery) {
+        q = q * scale;
+      } else {
+        k = k * scale;
+      }
+      // S <- gamma S + k v^T ; o = q^T S, on the caller's rows in place.
+      at::Tensor s = state.select(0, static_cast<int64_t>(l)).view({batch * heads, dk, dv});
+      s.view({batch, heads, dk, dv}).mul_(at::exp(layer.log_decay).view({1, heads, 1, 1}));
+      s.baddbmm_(k.reshape({batch * heads, dk, 1}), v.reshape({batch * heads, 1, dv}));
+      at::Tensor o = at::bmm(q.reshape({batch * heads, 1, dk}), s).view({batch, heads, dv});
+      if (config_.retention_norm == RetentionNorm::kInvSqrtCn) {
+        o = o * InvSqrtCn(layer.log_decay, pos).transpose(0, 1).unsqueeze(-1);  // [B, H, 1]
+      }
+      x = x + MixOutput(layer, o, g);
+      x = x + Ffn(layer, ApplyNorm(layer.ffn_norm, x, true));
+    }
+    return Head(x);
+  } catch (const std::exception& e) {
+    return absl::InternalError(absl::StrCat("recurrent step failed: ", FirstLine(e.what())));
+  }
+}
+
+}  // namespace retnet::model

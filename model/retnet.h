@@ -1,0 +1,146 @@
+// File: model/retnet.h
+//
+// The RetNet model API: one configurable network (see config.h) and its three equivalent forms.
+//
+//   Parallel   whole sequences from position 0, no state: O = (Q K^T ⊙ D) V.
+//   Chunkwise  continues a state from position `start`, chunk by chunk (chunk size C): the state
+//              after the call is exactly the state after the last real token (no padding exists:
+//              a final partial chunk is run at its own length). Prefill uses this form.
+//   Step       one recurrent step for B sessions at once, each at its own position; the state
+//              rows are updated in place (O(1) work and memory per token).
+//
+// State: one fp32 tensor [num_layers, B, H, d_k, d_v] per batch (key-major, like fla); row b
+// belongs to one session; its position is kept by the caller. A serving engine keeps a pool
+// [num_layers, slots, H, d_k, d_v] and passes `pool.narrow(1, first, B)`, a view, so that the step
+// advances the pool's rows in place without gathering or scattering them.
+// Masks, decays, the retention sums and the state are fp32 whatever the weight dtype.
+//
+// Ownership and threading: a RetNet owns its weights and is immutable after creation. All const
+// methods may run concurrently from several threads provided that they are given distinct state
+// tensors. Methods set c10::InferenceMode themselves.
+#ifndef RETNET_MODEL_RETNET_H_
+#define RETNET_MODEL_RETNET_H_
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "model/config.h"
+
+namespace retnet::model {
+
+// Per-layer buffers: log decay log(gamma_h) [H] and rotary frequencies theta [d_k/2], fp32.
+struct LayerBuffers {
+  at::Tensor log_decay;
+  at::Tensor theta;
+};
+
+// Weights by internal name (see ExpectedTensors()) plus one LayerBuffers per layer.
+struct ModelWeights {
+  std::map<std::string, at::Tensor> tensors;
+  std::vector<LayerBuffers> buffers;
+};
+
+// Default buffers: log(1 - 2^(-5-h)) and the config's rotary frequencies.
+LayerBuffers DefaultBuffers(const ModelConfig& config);
+
+struct ModelOptions {
+  at::Device device = at::kCPU;
+  at::ScalarType dtype = at::kFloat;  // kFloat, kBFloat16 or kHalf
+};
+
+// Parses "cpu"/"cuda"/"cuda:N" and "float32"/"bfloat16"/"float16"; InvalidArgument otherwise
+// (also when CUDA is requested but not available).
+absl::StatusOr<at::Device> ParseDevice(const std::string& name);
+absl::StatusOr<at::ScalarType> ParseDtype(const std::string& name);
+
+enum class Outputs { kAll, kLast };
+
+class RetNet {
+ public:
+  // Validates every tensor against ExpectedTensors(config) and moves the weights to the device
+  // and dtype in `options` (norm weights, buffers stay fp32).
+  static absl::StatusOr<std::unique_ptr<RetNet>> Create(ModelConfig config, ModelWeights weights,
+                                                        const ModelOptions& options);
+  // A model with deterministic random weights (tests and benchmarks).
+  static absl::StatusOr<std::unique_ptr<RetNet>> CreateRandom(ModelConfig config, uint64_t seed,
+                                                              const ModelOptions& options);
+
+  const ModelConfig& config() const { return config_; }
+  const ModelOptions& options() const { return options_; }
+
+  // [num_layers, batch, H, d_k, d_v]
+  std::vector<int64_t> StateShape(int64_t batch) const;
+  // Bytes of one session's state (fp32), excluding its 8-byte position.
+  int64_t StateBytesPerSession() const;
+  // A zero state for `batch` sessions on the model's device.
+  at::Tensor NewState(int64_t batch) const;
+
+  // `input`: tokens int64 [B, T] for a language model, or features [B, T, D] for a backbone.
+  // Returns logits [B, T, V] (or hidden [B, T, D]) as float32.
+  absl::StatusOr<at::Tensor> Parallel(const at::Tensor& input) const;
+
+  // Continues `state` ([L, B, H, d_k, d_v] fp32, updated in place) from absolute position
+  // `start` over `input` ([B, T] or [B, T, D]) in chunks of `chunk_size` (0 = one chunk).
+  // Returns outputs for every position, or only the last one ([B, 1, ...]) with Outputs::kLast.
+  absl::StatusOr<at::Tensor> Chunkwise(const at::Tensor& input, const at::Tensor& state,
+                                       int64_t start, int64_t chunk_size,
+                                       Outputs outputs = Outputs::kAll) const;
+
+  // One recurrent step: `input` tokens int64 [B] (or features [B, D]); `positions` int64 [B] on
+  // any device, the absolute position of each row's token; `state` [L, B, H, d_k, d_v] updated
+  // in place. Returns logits [B, V] (or hidden [B, D]) float32. Precondition (not checked, to
+  // keep the hot path free of device syncs): token ids are in [0, vocab_size).
+  absl::StatusOr<at::Tensor> Step(const at::Tensor& input, const at::Tensor& positions,
+                                  const at::Tensor& state) const;
+
+ private:
+  struct Linear {
+    at::Tensor w, b;
+  };
+  struct Norm {
+    at::Tensor w, b;  // fp32; either may be undefined
+  };
+  struct Layer {
+    Norm attn_norm, ffn_norm, inner_norm;
+    Linear q, k, v, g, o;
+    at::Tensor gn_w, gn_b;  // fp32 [d_v]
+    std::vector<Linear> mlp;
+    Linear ffn_act, ffn_lin, ffn_out;
+    at::Tensor log_decay, theta;  // fp32 on device
+  };
+
+  RetNet(ModelConfig config, const ModelOptions& options) : config_(std::move(config)), options_(options) {}
+
+  absl::Status CheckState(const at::Tensor& state, int64_t batch) const;
+  absl::Status CheckInput(const at::Tensor& input, int64_t dims) const;
+  at::Tensor ApplyLinear(const Linear& l, const at::Tensor& x) const;
+  at::Tensor ApplyNorm(const Norm& n, const at::Tensor& x, bool block) const;
+  at::Tensor Rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) const;
+  at::Tensor Embed(const at::Tensor& input) const;
+  at::Tensor Head(const at::Tensor& x) const;
+  at::Tensor Ffn(const Layer& layer, const at::Tensor& x) const;
+  // Gate, per-head norm and output projection of a retention output o [..., H, d_v] (fp32).
+  at::Tensor MixOutput(const Layer& layer, const at::Tensor& o, const at::Tensor& g) const;
+  // Retention over a [B, T, D] block from `start`; `state` ([B, H, d_k, d_v]) may be undefined.
+  at::Tensor SequenceMixer(const Layer& layer, const at::Tensor& h, int64_t start,
+                           const at::Tensor& state, int64_t chunk_size) const;
+  at::Tensor Sequence(const at::Tensor& input, const at::Tensor& state, int64_t start,
+                      int64_t chunk_size, Outputs outputs) const;
+
+  ModelConfig config_;
+  ModelOptions options_;
+  at::ScalarType compute_dtype_ = at::kFloat;  // activations: the weight dtype, but fp32 for CPU fp16
+  at::Tensor embed_, lm_head_;
+  Norm embed_norm_, final_norm_;
+  std::vector<Layer> layers_;
+};
+
+}  // namespace retnet::model
+
+#endif  // RETNET_MODEL_RETNET_H_

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Installs the Debian packages (when missing), configures and builds retnet-serve into build/.
+# Usage: scripts/build.sh [extra cmake args...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install-deps.sh
+export CCACHE_SLOPPINESS=pch_defines,time_macros,include_file_mtime,include_file_ctime
+if [ ! -f build/CMakeCache.txt ]; then
+  cmake --preset release "$@" >/dev/null
+elif [ $# -gt 0 ]; then
+  cmake -S . -B build "$@" >/dev/null
+fi
+cmake --build build -j"$(nproc)"
