@@ -12,9 +12,9 @@
 #define RETNET_STATUS_CONCAT_(a, b) RETNET_STATUS_CONCAT_INNER_(a, b)
 
 // Evaluates `expr` (an absl::Status); returns it from the enclosing function if it is not OK.
-#define RETURN_IF_ERROR(expr)                     \
-  do {                                            \
-    ::absl::Status retnet_status_ = (expr);       \
+#define RETURN_IF_ERROR(expr)                        \
+  do {                                               \
+    ::absl::Status retnet_status_ = (expr);          \
     if (!retnet_status_.ok()) return retnet_status_; \
   } while (false)
 

@@ -6,10 +6,10 @@
 //   decode   one batched recurrent step for B in {1, 8, 64}: ms/step and tokens/s, against the
 //            stateless baseline of recomputing a 512-token history in parallel for each token.
 //   state    bytes per session (constant in sequence length).
-#include <CLI/CLI.hpp>
 #include <ATen/Parallel.h>
 #include <c10/core/InferenceMode.h>
 
+#include <CLI/CLI.hpp>
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -65,12 +65,16 @@ void Bench(const std::string& name, const RetNet& model, bool quick) {
   std::printf("\n## %s — %s, %s on %s\n", name.c_str(), c.Summary().c_str(),
               c10::toString(model.options().dtype), model.options().device.str().c_str());
   std::printf("state per session: %lld bytes (%.2f MiB), independent of sequence length\n",
-              static_cast<long long>(model.StateBytesPerSession()), model.StateBytesPerSession() / 1048576.0);
+              static_cast<long long>(model.StateBytesPerSession()),
+              model.StateBytesPerSession() / 1048576.0);
 
   std::printf("\nprefill (B=1)\n");
-  std::printf("| T | parallel tok/s | chunkwise C=64 tok/s | recurrent tok/s (baseline) | parallel / recurrent | chunkwise / recurrent |\n");
+  std::printf(
+      "| T | parallel tok/s | chunkwise C=64 tok/s | recurrent tok/s (baseline) | parallel / "
+      "recurrent | chunkwise / recurrent |\n");
   std::printf("|---:|---:|---:|---:|---:|---:|\n");
-  std::vector<int64_t> lengths = quick ? std::vector<int64_t>{128} : std::vector<int64_t>{128, 512, 2048};
+  std::vector<int64_t> lengths =
+      quick ? std::vector<int64_t>{128} : std::vector<int64_t>{128, 512, 2048};
   for (int64_t len : lengths) {
     at::Tensor tokens = at::randint(c.vocab_size, {1, len}, dev);
     const double par = Time([&] { Sync(*model.Parallel(tokens)); });
@@ -81,22 +85,26 @@ void Bench(const std::string& name, const RetNet& model, bool quick) {
     // Token-by-token recurrent prefill; for long T, time the first 128 steps and scale.
     const int64_t steps = std::min<int64_t>(len, 128);
     const double rec = Time(
-        [&] {
-          at::Tensor s = model.NewState(1);
-          at::Tensor out;
-          for (int64_t t = 0; t < steps; ++t) out = *model.Step(tokens.select(1, t), at::full({1}, t, dev), s);
-          Sync(out);
-        },
-        1, 1.0) * static_cast<double>(len) / static_cast<double>(steps);
-    std::printf("| %lld | %.0f | %.0f | %.0f | %.1fx | %.1fx |\n", static_cast<long long>(len), len / par,
-                len / chunk, len / rec, rec / par, rec / chunk);
+                           [&] {
+                             at::Tensor s = model.NewState(1);
+                             at::Tensor out;
+                             for (int64_t t = 0; t < steps; ++t)
+                               out = *model.Step(tokens.select(1, t), at::full({1}, t, dev), s);
+                             Sync(out);
+                           },
+                           1, 1.0) *
+                       static_cast<double>(len) / static_cast<double>(steps);
+    std::printf("| %lld | %.0f | %.0f | %.0f | %.1fx | %.1fx |\n", static_cast<long long>(len),
+                len / par, len / chunk, len / rec, rec / par, rec / chunk);
   }
 
   const int64_t history = 512;
   at::Tensor hist_tokens = at::randint(c.vocab_size, {1, history}, dev);
   const double recompute = Time([&] { Sync(*model.Parallel(hist_tokens)); });
-  std::printf("\ndecode: one batched recurrent step; baseline = recompute a %lld-token history in parallel per token (%.1f ms, B=1)\n",
-              static_cast<long long>(history), recompute * 1e3);
+  std::printf(
+      "\ndecode: one batched recurrent step; baseline = recompute a %lld-token history in parallel "
+      "per token (%.1f ms, B=1)\n",
+      static_cast<long long>(history), recompute * 1e3);
   std::printf("| B | ms / step | tokens/s | tokens/s vs B=1 | speedup vs recompute baseline |\n");
   std::printf("|---:|---:|---:|---:|---:|\n");
   double base_tps = 0;
@@ -107,8 +115,8 @@ void Bench(const std::string& name, const RetNet& model, bool quick) {
     const double step = Time([&] { Sync(*model.Step(tokens, positions, state)); }, 5);
     const double tps = batch / step;
     if (batch == 1) base_tps = tps;
-    std::printf("| %lld | %.2f | %.0f | %.1fx | %.0fx |\n", static_cast<long long>(batch), step * 1e3, tps,
-                tps / base_tps, tps * recompute);
+    std::printf("| %lld | %.2f | %.0f | %.1fx | %.0fx |\n", static_cast<long long>(batch),
+                step * 1e3, tps, tps / base_tps, tps * recompute);
   }
 }
 
@@ -129,7 +137,8 @@ int main(int argc, char** argv) {
   auto dev = ParseDevice(device);
   auto dt = ParseDtype(dtype);
   if (!dev.ok() || !dt.ok()) {
-    std::fprintf(stderr, "%s\n", std::string((!dev.ok() ? dev.status() : dt.status()).message()).c_str());
+    std::fprintf(stderr, "%s\n",
+                 std::string((!dev.ok() ? dev.status() : dt.status()).message()).c_str());
     return 1;
   }
   options.device = *dev;
@@ -145,7 +154,8 @@ int main(int argc, char** argv) {
       return 1;
     }
     if (!model.ok()) {
-      std::fprintf(stderr, "%s: %s\n", std::string(name).c_str(), std::string(model.status().message()).c_str());
+      std::fprintf(stderr, "%s: %s\n", std::string(name).c_str(),
+                   std::string(model.status().message()).c_str());
       return 1;
     }
     Bench(std::string(name), **model, quick);

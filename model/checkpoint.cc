@@ -14,7 +14,6 @@
 #include "model/safetensors.h"
 #include "nlohmann/json.hpp"
 
-
 namespace retnet::model {
 namespace {
 
@@ -53,7 +52,8 @@ class ConfigReader {
 
   absl::StatusOr<int64_t> Int(const std::string& key) const {
     if (!Has(key) || !j_[key].is_number_integer()) {
-      return absl::InvalidArgumentError(absl::StrCat(path_, ": field '", key, "' is missing or not an integer"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(path_, ": field '", key, "' is missing or not an integer"));
     }
     return j_[key].get<int64_t>();
   }
@@ -71,7 +71,8 @@ class ConfigReader {
   absl::StatusOr<bool> Bool(const std::string& key, bool def) const {
     if (!Has(key)) return def;
     if (!j_[key].is_boolean()) {
-      return absl::InvalidArgumentError(absl::StrCat(path_, ": field '", key, "' is not a boolean"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(path_, ": field '", key, "' is not a boolean"));
     }
     return j_[key].get<bool>();
   }
@@ -86,11 +87,12 @@ class ConfigReader {
     ASSIGN_OR_RETURN(std::string name, String(key, def));
     if (name == "swish" || name == "silu") return Activation::kSwish;
     if (name == "gelu") return Activation::kGelu;
-    return absl::UnimplementedError(
-        absl::StrCat(path_, ": field '", key, "' = '", name, "': only swish/silu and gelu are supported"));
+    return absl::UnimplementedError(absl::StrCat(path_, ": field '", key, "' = '", name,
+                                                 "': only swish/silu and gelu are supported"));
   }
   absl::Status Unsupported(const std::string& key, const std::string& what) const {
-    return absl::UnimplementedError(absl::StrCat(path_, ": unsupported variant: ", what, " (field '", key, "')"));
+    return absl::UnimplementedError(
+        absl::StrCat(path_, ": unsupported variant: ", what, " (field '", key, "')"));
   }
   const json& raw() const { return j_; }
 
@@ -111,7 +113,8 @@ class TensorSource {
       return absl::OkStatus();
     }
     if (!IsFile(index)) {
-      return absl::NotFoundError(absl::StrCat(dir, ": no model.safetensors or model.safetensors.index.json"));
+      return absl::NotFoundError(
+          absl::StrCat(dir, ": no model.safetensors or model.safetensors.index.json"));
     }
     ASSIGN_OR_RETURN(json j, ReadJson(index));
     if (!j.contains("weight_map") || !j["weight_map"].is_object()) {
@@ -120,26 +123,29 @@ class TensorSource {
     std::map<std::string, std::shared_ptr<const SafetensorsFile>> files;
     for (auto it = j["weight_map"].begin(); it != j["weight_map"].end(); ++it) {
       if (!it.value().is_string()) {
-        return absl::InvalidArgumentError(absl::StrCat(index, ": weight_map['", it.key(), "'] is not a file name"));
+        return absl::InvalidArgumentError(
+            absl::StrCat(index, ": weight_map['", it.key(), "'] is not a file name"));
       }
       const std::string shard = it.value().get<std::string>();
       if (shard.find('/') != std::string::npos || shard == "..") {
-        return absl::InvalidArgumentError(absl::StrCat(index, ": shard name '", shard, "' must be a plain file name"));
+        return absl::InvalidArgumentError(
+            absl::StrCat(index, ": shard name '", shard, "' must be a plain file name"));
       }
       if (files.count(shard) == 0) {
         ASSIGN_OR_RETURN(files[shard], SafetensorsFile::Open(dir + "/" + shard));
       }
       if (files[shard]->Find(it.key()) == nullptr) {
-        return absl::InvalidArgumentError(absl::StrCat(dir, "/", shard, ": missing tensor '", it.key(),
-                                                       "' (listed in model.safetensors.index.json)"));
+        return absl::InvalidArgumentError(
+            absl::StrCat(dir, "/", shard, ": missing tensor '", it.key(),
+                         "' (listed in model.safetensors.index.json)"));
       }
       owner_[it.key()] = files[shard];
     }
     for (const auto& [name, file] : files) {
       for (const auto& t : file->tensors()) {
         if (owner_.count(t.name) == 0) {
-          return absl::InvalidArgumentError(
-              absl::StrCat(file->path(), ": unexpected tensor '", t.name, "' (not in the index's weight_map)"));
+          return absl::InvalidArgumentError(absl::StrCat(
+              file->path(), ": unexpected tensor '", t.name, "' (not in the index's weight_map)"));
         }
       }
     }
@@ -164,18 +170,19 @@ class TensorSource {
                                  const std::string& what) {
     auto it = owner_.find(name);
     if (it == owner_.end()) {
-      return absl::InvalidArgumentError(absl::StrCat(description_, ": missing tensor '", name, "' (", what, ")"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(description_, ": missing tensor '", name, "' (", what, ")"));
     }
     const auto* info = it->second->Find(name);
     if (!at::isFloatingType(info->dtype)) {
-      return absl::InvalidArgumentError(absl::StrCat(it->second->path(), ": tensor '", name, "' has dtype ",
-                                                     SafetensorsDtypeName(info->dtype),
-                                                     ", expected F32, F16 or BF16"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(it->second->path(), ": tensor '", name, "' has dtype ",
+                       SafetensorsDtypeName(info->dtype), ", expected F32, F16 or BF16"));
     }
     if (info->shape != shape) {
-      return absl::InvalidArgumentError(absl::StrCat(it->second->path(), ": tensor '", name, "' has shape ",
-                                                     Shape(info->shape), ", expected ", Shape(shape), " (",
-                                                     what, ")"));
+      return absl::InvalidArgumentError(absl::StrCat(it->second->path(), ": tensor '", name,
+                                                     "' has shape ", Shape(info->shape),
+                                                     ", expected ", Shape(shape), " (", what, ")"));
     }
     used_.insert(name);
     return it->second->Get(name);
@@ -186,15 +193,19 @@ class TensorSource {
     for (const auto& [name, file] : owner_) {
       if (used_.count(name) != 0) continue;
       if (absl::StrContains(name, "moe_layer") || absl::StrContains(name, ".experts.")) {
-        return absl::UnimplementedError(absl::StrCat(file->path(), ": unsupported variant: mixture-of-experts (tensor '", name, "')"));
+        return absl::UnimplementedError(absl::StrCat(
+            file->path(), ": unsupported variant: mixture-of-experts (tensor '", name, "')"));
       }
       if (absl::StrContains(name, ".A.") || absl::StrContains(name, ".B.")) {
-        return absl::UnimplementedError(absl::StrCat(file->path(), ": unsupported variant: multiway network (tensor '", name, "')"));
+        return absl::UnimplementedError(absl::StrCat(
+            file->path(), ": unsupported variant: multiway network (tensor '", name, "')"));
       }
       if (absl::StrContains(name, "conv1d")) {
-        return absl::UnimplementedError(absl::StrCat(file->path(), ": unsupported variant: short convolution (tensor '", name, "')"));
+        return absl::UnimplementedError(absl::StrCat(
+            file->path(), ": unsupported variant: short convolution (tensor '", name, "')"));
       }
-      return absl::InvalidArgumentError(absl::StrCat(file->path(), ": unexpected tensor '", name, "'"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(file->path(), ": unexpected tensor '", name, "'"));
     }
     return absl::OkStatus();
   }
@@ -224,15 +235,17 @@ absl::StatusOr<at::Tensor> ThetaFromAngle(const at::Tensor& angle, const std::st
   at::Tensor a = angle.to(at::kFloat).reshape({-1});
   at::Tensor even = a.slice(0, 0, a.size(0), 2), odd = a.slice(0, 1, a.size(0), 2);
   if (!at::equal(even, odd)) {
-    return absl::InvalidArgumentError(absl::StrCat(where, ": angle buffer is not in the interleaved "
-                                                          "[t0, t0, t1, t1, ...] layout"));
+    return absl::InvalidArgumentError(absl::StrCat(where,
+                                                   ": angle buffer is not in the interleaved "
+                                                   "[t0, t0, t1, t1, ...] layout"));
   }
   return even.clone();
 }
 
 absl::Status CheckDecay(const at::Tensor& decay, const std::string& where) {
   if (!(decay.to(at::kFloat).lt(0).all().item<bool>())) {
-    return absl::InvalidArgumentError(absl::StrCat(where, ": decay buffer must hold log(gamma) < 0"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(where, ": decay buffer must hold log(gamma) < 0"));
   }
   return absl::OkStatus();
 }
@@ -247,14 +260,16 @@ absl::StatusOr<Mapping> ParseFla(const ConfigReader& cfg, TensorSource& src) {
   }
   if (cfg.Has("feature_map")) return cfg.Unsupported("feature_map", "feature maps");
   if (cfg.Has("attn")) return cfg.Unsupported("attn", "hybrid attention layers");
-  if (cfg.Has("attnres_block_size")) return cfg.Unsupported("attnres_block_size", "attention residual blocks");
+  if (cfg.Has("attnres_block_size"))
+    return cfg.Unsupported("attnres_block_size", "attention residual blocks");
   ASSIGN_OR_RETURN(bool output_gate, cfg.Bool("use_output_gate", true));
   if (!output_gate) return cfg.Unsupported("use_output_gate", "retention without the output gate");
   ASSIGN_OR_RETURN(c.hidden_size, cfg.Int("hidden_size"));
   ASSIGN_OR_RETURN(c.num_layers, cfg.Int("num_hidden_layers"));
   ASSIGN_OR_RETURN(c.num_heads, cfg.Int("num_heads"));
   ASSIGN_OR_RETURN(int64_t kv_heads, cfg.Int("num_kv_heads", c.num_heads));
-  if (kv_heads != c.num_heads) return cfg.Unsupported("num_kv_heads", "grouped-query retention (GQA)");
+  if (kv_heads != c.num_heads)
+    return cfg.Unsupported("num_kv_heads", "grouped-query retention (GQA)");
   ASSIGN_OR_RETURN(double expand_k, cfg.Number("expand_k", 1.0));
   ASSIGN_OR_RETURN(double expand_v, cfg.Number("expand_v", 2.0));
   c.key_dim = static_cast<int64_t>(c.hidden_size * expand_k);
@@ -293,7 +308,8 @@ absl::StatusOr<Mapping> ParseFla(const ConfigReader& cfg, TensorSource& src) {
                            : "model.embeddings.weight";
   m.names["final_norm.w"] = "model.norm.weight";
   m.names["lm_head.w"] = "lm_head.weight";
-  if (c.tied_head && src.Has("lm_head.weight")) src.MarkUsed("lm_head.weight");  // saved copy of the tie
+  if (c.tied_head && src.Has("lm_head.weight"))
+    src.MarkUsed("lm_head.weight");  // saved copy of the tie
   for (int64_t i = 0; i < c.num_layers; ++i) {
     const std::string p = absl::StrCat("model.layers.", i, ".");
     const std::string q = absl::StrCat("layers.", i, ".");
@@ -335,7 +351,8 @@ absl::StatusOr<Mapping> ParseTorchscale(const ConfigReader& cfg, TensorSource& s
     }
   }
   const std::string l0 = prefix + "layers.0.";
-  const bool v1 = src.Has(l0 + "retention.q_proj.bias") || src.Has(l0 + "retention_layer_norm.bias");
+  const bool v1 =
+      src.Has(l0 + "retention.q_proj.bias") || src.Has(l0 + "retention_layer_norm.bias");
   c.layout = prefix == "model." ? "syncdoth" : (v1 ? "torchscale-v1" : "torchscale");
 
   ASSIGN_OR_RETURN(bool multiway, cfg.Bool("multiway", false));
@@ -347,8 +364,9 @@ absl::StatusOr<Mapping> ParseTorchscale(const ConfigReader& cfg, TensorSource& s
   ASSIGN_OR_RETURN(bool pre_norm, cfg.Bool("decoder_normalize_before", true));
   if (!pre_norm) return cfg.Unsupported("decoder_normalize_before", "post-norm blocks");
   if (src.Has(l0 + "retention.decay_proj.weight")) {
-    return absl::UnimplementedError(absl::StrCat(src.FileOf(l0 + "retention.decay_proj.weight"),
-                                                 ": unsupported variant: learned decay projection"));
+    return absl::UnimplementedError(
+        absl::StrCat(src.FileOf(l0 + "retention.decay_proj.weight"),
+                     ": unsupported variant: learned decay projection"));
   }
 
   ASSIGN_OR_RETURN(c.hidden_size, cfg.Int("decoder_embed_dim"));
@@ -378,7 +396,8 @@ absl::StatusOr<Mapping> ParseTorchscale(const ConfigReader& cfg, TensorSource& s
   c.gate_act = Activation::kSwish;
   c.final_norm = true;
   c.proj_bias = src.Has(l0 + "retention.q_proj.bias");
-  c.block_norm = src.Has(l0 + "retention_layer_norm.bias") ? NormKind::kLayerNorm : NormKind::kRmsNorm;
+  c.block_norm =
+      src.Has(l0 + "retention_layer_norm.bias") ? NormKind::kLayerNorm : NormKind::kRmsNorm;
   c.block_norm_bias = c.block_norm == NormKind::kLayerNorm;
   c.block_norm_eps = eps;
   c.group_norm_weight = false;
@@ -401,9 +420,11 @@ absl::StatusOr<Mapping> ParseTorchscale(const ConfigReader& cfg, TensorSource& s
   m.names["embed.w"] = prefix + "embed_tokens.weight";
   MapLinear(m, "embed_norm", prefix + "layernorm_embedding");
   MapLinear(m, "final_norm", prefix + "layer_norm");
-  m.names["lm_head.w"] = src.Has("lm_head.weight") ? "lm_head.weight" : prefix + "output_projection.weight";
+  m.names["lm_head.w"] =
+      src.Has("lm_head.weight") ? "lm_head.weight" : prefix + "output_projection.weight";
   if (c.tied_head) {
-    for (const std::string& n : {std::string("lm_head.weight"), prefix + "output_projection.weight"}) {
+    for (const std::string& n :
+         {std::string("lm_head.weight"), prefix + "output_projection.weight"}) {
       if (src.Has(n)) src.MarkUsed(n);
     }
   }
@@ -421,7 +442,8 @@ absl::StatusOr<Mapping> ParseTorchscale(const ConfigReader& cfg, TensorSource& s
   }
   // Relative-position buffers, shared by all layers; computed when absent.
   LayerBuffers buffers = DefaultBuffers(c);
-  const std::string decay = prefix + "retnet_rel_pos.decay", angle = prefix + "retnet_rel_pos.angle";
+  const std::string decay = prefix + "retnet_rel_pos.decay",
+                    angle = prefix + "retnet_rel_pos.angle";
   if (src.Has(decay)) {
     ASSIGN_OR_RETURN(at::Tensor d, src.Get(decay, {c.num_heads}, "log decay per head"));
     RETURN_IF_ERROR(CheckDecay(d, src.FileOf(decay) + ": tensor '" + decay + "'"));
@@ -429,7 +451,8 @@ absl::StatusOr<Mapping> ParseTorchscale(const ConfigReader& cfg, TensorSource& s
   }
   if (src.Has(angle)) {
     ASSIGN_OR_RETURN(at::Tensor a, src.Get(angle, {c.head_k_dim()}, "rotary angles"));
-    ASSIGN_OR_RETURN(buffers.theta, ThetaFromAngle(a, src.FileOf(angle) + ": tensor '" + angle + "'"));
+    ASSIGN_OR_RETURN(buffers.theta,
+                     ThetaFromAngle(a, src.FileOf(angle) + ": tensor '" + angle + "'"));
   }
   m.buffers.assign(c.num_layers, buffers);
   for (const std::string& n : {prefix + "version", std::string("version")}) {
@@ -463,7 +486,8 @@ absl::StatusOr<Mapping> ParseSeed(const ConfigReader& cfg, TensorSource& src) {
   } else if (cfg.raw()["mlp_mult"].is_array()) {
     for (const auto& w : cfg.raw()["mlp_mult"]) {
       if (!w.is_number_integer() || w.get<int64_t>() <= 0) {
-        return absl::InvalidArgumentError("config.json: field 'mlp_mult' must hold positive integers");
+        return absl::InvalidArgumentError(
+            "config.json: field 'mlp_mult' must hold positive integers");
       }
       widths.push_back(w.get<int64_t>());
     }
@@ -515,7 +539,8 @@ absl::StatusOr<Mapping> ParseSeed(const ConfigReader& cfg, TensorSource& src) {
 }  // namespace
 
 absl::StatusOr<Checkpoint> ReadCheckpoint(const std::string& dir) {
-  if (!IsDir(dir)) return absl::NotFoundError(absl::StrCat(dir, ": checkpoint directory not found"));
+  if (!IsDir(dir))
+    return absl::NotFoundError(absl::StrCat(dir, ": checkpoint directory not found"));
   const std::string config_path = dir + "/config.json";
   ASSIGN_OR_RETURN(json j, ReadJson(config_path));
   TensorSource src;
@@ -527,9 +552,11 @@ absl::StatusOr<Checkpoint> ReadCheckpoint(const std::string& dir) {
   ASSIGN_OR_RETURN(std::string model_type, cfg.String("model_type", ""));
   absl::StatusOr<Mapping> mapping;
   if (family == "fla" || (family.empty() && model_type == "retnet")) {
-    if (src.Has("model.layers.0.retention.q_proj.weight") || src.Has("layers.0.retention.q_proj.weight")) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          config_path, ": model_type 'retnet' (fla layout) but the tensors use torchscale names; "
+    if (src.Has("model.layers.0.retention.q_proj.weight") ||
+        src.Has("layers.0.retention.q_proj.weight")) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(config_path,
+                       ": model_type 'retnet' (fla layout) but the tensors use torchscale names; "
                        "add \"family\": \"torchscale\" and RetNetConfig fields"));
     }
     mapping = ParseFla(cfg, src);
@@ -564,7 +591,8 @@ absl::StatusOr<Checkpoint> ReadCheckpoint(const std::string& dir) {
   return ckpt;
 }
 
-absl::StatusOr<std::unique_ptr<RetNet>> LoadModel(const std::string& dir, const ModelOptions& options) {
+absl::StatusOr<std::unique_ptr<RetNet>> LoadModel(const std::string& dir,
+                                                  const ModelOptions& options) {
   ASSIGN_OR_RETURN(Checkpoint ckpt, ReadCheckpoint(dir));
   auto model = RetNet::Create(std::move(ckpt.config), std::move(ckpt.weights), options);
   if (!model.ok()) {

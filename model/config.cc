@@ -41,14 +41,16 @@ absl::Status ModelConfig::Validate() const {
   if (hidden_size <= 0) return bad("hidden_size", "must be positive");
   if (num_heads <= 0) return bad("num_heads", "must be positive");
   if (key_dim <= 0 || key_dim % num_heads != 0) {
-    return bad("key_dim", absl::StrCat(key_dim, " is not a positive multiple of num_heads=", num_heads));
+    return bad("key_dim",
+               absl::StrCat(key_dim, " is not a positive multiple of num_heads=", num_heads));
   }
   if (value_dim <= 0 || value_dim % num_heads != 0) {
     return bad("value_dim",
                absl::StrCat(value_dim, " is not a positive multiple of num_heads=", num_heads));
   }
   if (head_k_dim() % 2 != 0) {
-    return bad("key_dim", absl::StrCat("per-head key width ", head_k_dim(), " must be even for rotary"));
+    return bad("key_dim",
+               absl::StrCat("per-head key width ", head_k_dim(), " must be even for rotary"));
   }
   if (rotary == Rotary::kInterleaved && head_k_dim() < 4) {
     return bad("key_dim", "interleaved rotary needs a per-head key width of at least 4");
@@ -70,9 +72,9 @@ absl::Status ModelConfig::Validate() const {
 
 std::string ModelConfig::Summary() const {
   return absl::StrFormat(
-      "%s (%s): layers=%d D=%d heads=%d d_k=%d d_v=%d ffn=%s vocab=%d params=%.2fM", FamilyName(family),
-      layout, num_layers, hidden_size, num_heads, head_k_dim(), head_v_dim(), FfnKindName(ffn),
-      vocab_size, ParameterCount(*this) / 1e6);
+      "%s (%s): layers=%d D=%d heads=%d d_k=%d d_v=%d ffn=%s vocab=%d params=%.2fM",
+      FamilyName(family), layout, num_layers, hidden_size, num_heads, head_k_dim(), head_v_dim(),
+      FfnKindName(ffn), vocab_size, ParameterCount(*this) / 1e6);
 }
 
 std::map<std::string, std::vector<int64_t>> ExpectedTensors(const ModelConfig& c) {

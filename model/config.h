@@ -69,10 +69,10 @@ struct ModelConfig {
 
   FfnKind ffn = FfnKind::kSwiGlu;
   Activation ffn_act = Activation::kSwish;
-  int64_t ffn_dim = 0;              // F / I for kFfnV1, kGlu, kSwiGlu
-  std::vector<int64_t> ffn_dims;    // kSeedMlp: hidden widths, then D (one per Linear)
+  int64_t ffn_dim = 0;            // F / I for kFfnV1, kGlu, kSwiGlu
+  std::vector<int64_t> ffn_dims;  // kSeedMlp: hidden widths, then D (one per Linear)
   bool ffn_bias = false;
-  bool ffn_inner_norm = false;      // kFfnV1 subln LayerNorm over F
+  bool ffn_inner_norm = false;  // kFfnV1 subln LayerNorm over F
 
   double embed_scale = 1.0;
   bool embed_norm = false;

@@ -8,7 +8,6 @@
 // backbones; OUT receives `logits` (float32 [B, T, V]) or `hidden` (float32 [B, T, D]).
 // recurrent = token by token through the state. Errors: one line on stderr, exit code 1.
 #include <CLI/CLI.hpp>
-
 #include <cstdio>
 #include <exception>
 #include <iostream>
@@ -45,13 +44,14 @@ absl::Status Run(const Args& args) {
 
   ASSIGN_OR_RETURN(auto in_file, SafetensorsFile::Open(args.input));
   if (in_file->Find(in_name) == nullptr) {
-    return absl::InvalidArgumentError(absl::StrCat(args.input, ": no tensor '", in_name, "' (this checkpoint is a ",
+    return absl::InvalidArgumentError(absl::StrCat(args.input, ": no tensor '", in_name,
+                                                   "' (this checkpoint is a ",
                                                    lm ? "language model" : "backbone", ")"));
   }
   ASSIGN_OR_RETURN(at::Tensor input, in_file->Get(in_name));
   if (input.dim() < 2 || input.size(0) == 0 || input.size(1) == 0) {
-    return absl::InvalidArgumentError(absl::StrCat(args.input, ": tensor '", in_name, "' must be non-empty [B, T",
-                                                   lm ? "]" : ", D]"));
+    return absl::InvalidArgumentError(absl::StrCat(args.input, ": tensor '", in_name,
+                                                   "' must be non-empty [B, T", lm ? "]" : ", D]"));
   }
   if (!lm) input = input.to(at::kFloat);
   input = input.to(options.device);
@@ -68,14 +68,15 @@ absl::Status Run(const Args& args) {
       // Check the ids once up front: the recurrent step does not (it is the hot path).
       const int64_t lo = input.min().item<int64_t>(), hi = input.max().item<int64_t>();
       if (lo < 0 || hi >= model->config().vocab_size) {
-        return absl::InvalidArgumentError(absl::StrCat(args.input, ": tokens must be in [0, ",
-                                                       model->config().vocab_size, ")"));
+        return absl::InvalidArgumentError(
+            absl::StrCat(args.input, ": tokens must be in [0, ", model->config().vocab_size, ")"));
       }
     }
     at::Tensor state = model->NewState(batch);
     std::vector<at::Tensor> steps;
     for (int64_t t = 0; t < len; ++t) {
-      at::Tensor positions = at::full({batch}, t, at::TensorOptions().dtype(at::kLong).device(options.device));
+      at::Tensor positions =
+          at::full({batch}, t, at::TensorOptions().dtype(at::kLong).device(options.device));
       ASSIGN_OR_RETURN(at::Tensor out, model->Step(input.select(1, t), positions, state));
       steps.push_back(out);
     }
@@ -91,12 +92,16 @@ absl::Status Run(const Args& args) {
 int main(int argc, char** argv) {
   retnet::model::Args args;
   CLI::App app{"Runs a RetNet checkpoint over a batch in one of its three forms."};
-  app.add_option("--checkpoint", args.checkpoint, "checkpoint directory (config.json + model.safetensors)")
+  app.add_option("--checkpoint", args.checkpoint,
+                 "checkpoint directory (config.json + model.safetensors)")
       ->required();
-  app.add_option("--input", args.input, "input .safetensors with `tokens` or `features`")->required();
-  app.add_option("--output", args.output, "output .safetensors (receives `logits` or `hidden`)")->required();
+  app.add_option("--input", args.input, "input .safetensors with `tokens` or `features`")
+      ->required();
+  app.add_option("--output", args.output, "output .safetensors (receives `logits` or `hidden`)")
+      ->required();
   app.add_option("--mode", args.mode, "parallel | chunkwise | recurrent")->capture_default_str();
-  app.add_option("--chunk-size", args.chunk_size, "chunk size for --mode chunkwise")->capture_default_str();
+  app.add_option("--chunk-size", args.chunk_size, "chunk size for --mode chunkwise")
+      ->capture_default_str();
   app.add_option("--device", args.device, "cpu | cuda[:N]")->capture_default_str();
   app.add_option("--dtype", args.dtype, "float32 | bfloat16 | float16")->capture_default_str();
   try {

@@ -1,13 +1,12 @@
 // retnet-generate: generates text from a prompt with a RetNet checkpoint (the built-in default
 // model when --checkpoint is not given): chunkwise prefill of the prompt into a recurrent
 // state, then one recurrent step per new token, streamed to stdout as it is produced.
-#include <CLI/CLI.hpp>
+#include <ATen/CPUGeneratorImpl.h>
+#include <c10/core/InferenceMode.h>
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
-#include <ATen/CPUGeneratorImpl.h>
-#include <c10/core/InferenceMode.h>
-
+#include <CLI/CLI.hpp>
 #include <chrono>
 #include <iostream>
 #include <string>
@@ -34,8 +33,10 @@ struct Args {
 
 absl::Status Run(const Args& args) {
   using Clock = std::chrono::steady_clock;
-  if (args.max_new_tokens < 0) return absl::InvalidArgumentError("--max-new-tokens: must not be negative");
-  if (args.temperature < 0) return absl::InvalidArgumentError("--temperature: must not be negative");
+  if (args.max_new_tokens < 0)
+    return absl::InvalidArgumentError("--max-new-tokens: must not be negative");
+  if (args.temperature < 0)
+    return absl::InvalidArgumentError("--temperature: must not be negative");
   if (args.top_k < 0) return absl::InvalidArgumentError("--top-k: must not be negative");
   if (args.chunk_size <= 0) return absl::InvalidArgumentError("--chunk-size: must be positive");
   ModelOptions options;
@@ -58,7 +59,8 @@ absl::Status Run(const Args& args) {
   at::Tensor state = model->NewState(1);
   const auto t0 = Clock::now();
   at::Tensor prompt = at::tensor(ids, at::kLong).view({1, -1}).to(options.device);
-  ASSIGN_OR_RETURN(at::Tensor logits, model->Chunkwise(prompt, state, 0, args.chunk_size, Outputs::kLast));
+  ASSIGN_OR_RETURN(at::Tensor logits,
+                   model->Chunkwise(prompt, state, 0, args.chunk_size, Outputs::kLast));
   logits = logits.view({1, -1});
   const auto t1 = Clock::now();
 
@@ -93,9 +95,11 @@ absl::Status Run(const Args& args) {
   const auto t2 = Clock::now();
   const double prefill_s = std::chrono::duration<double>(t1 - t0).count();
   const double decode_s = std::chrono::duration<double>(t2 - t1).count();
-  spdlog::info("prefill {} tokens in {:.1f} ms ({:.0f} tok/s); decoded {} tokens in {:.1f} ms ({:.0f} tok/s)",
-               ids.size(), prefill_s * 1e3, ids.size() / prefill_s, produced, decode_s * 1e3,
-               produced / std::max(decode_s, 1e-9));
+  spdlog::info(
+      "prefill {} tokens in {:.1f} ms ({:.0f} tok/s); decoded {} tokens in {:.1f} ms ({:.0f} "
+      "tok/s)",
+      ids.size(), prefill_s * 1e3, ids.size() / prefill_s, produced, decode_s * 1e3,
+      produced / std::max(decode_s, 1e-9));
   return absl::OkStatus();
 }
 
@@ -107,7 +111,8 @@ int main(int argc, char** argv) {
   CLI::App app{"Generates text with a RetNet checkpoint (default: the built-in model)."};
   app.add_option("--checkpoint", args.checkpoint, "checkpoint directory (default: built-in model)");
   app.add_option("--prompt", args.prompt, "prompt text")->capture_default_str();
-  app.add_option("--max-new-tokens", args.max_new_tokens, "tokens to generate")->capture_default_str();
+  app.add_option("--max-new-tokens", args.max_new_tokens, "tokens to generate")
+      ->capture_default_str();
   app.add_option("--temperature", args.temperature, "0 = greedy")->capture_default_str();
   app.add_option("--top-k", args.top_k, "0 = off")->capture_default_str();
   app.add_option("--seed", args.seed, "sampling seed")->capture_default_str();

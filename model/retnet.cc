@@ -41,7 +41,9 @@ std::string FirstLine(const char* text) {
   return nl == std::string::npos ? s : s.substr(0, nl);
 }
 
-std::string ShapeString(at::IntArrayRef shape) { return absl::StrCat("[", absl::StrJoin(shape, ", "), "]"); }
+std::string ShapeString(at::IntArrayRef shape) {
+  return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
+}
 
 }  // namespace
 
@@ -49,7 +51,8 @@ LayerBuffers DefaultBuffers(const ModelConfig& config) {
   const int64_t h = config.num_heads;
   const int64_t half = config.head_k_dim() / 2;
   std::vector<float> log_decay(h), theta(half);
-  for (int64_t i = 0; i < h; ++i) log_decay[i] = static_cast<float>(std::log1p(-std::pow(2.0, -5.0 - i)));
+  for (int64_t i = 0; i < h; ++i)
+    log_decay[i] = static_cast<float>(std::log1p(-std::pow(2.0, -5.0 - i)));
   for (int64_t i = 0; i < half; ++i) {
     double exponent = config.rotary == Rotary::kInterleaved
                           ? static_cast<double>(i) / static_cast<double>(half - 1)
@@ -66,8 +69,8 @@ absl::StatusOr<at::Device> ParseDevice(const std::string& name) {
   if (name == "cpu") return at::Device(at::kCPU);
   if (name.rfind("cuda", 0) == 0) {
     if (!at::hasCUDA()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("device ", name, " requested but this LibTorch build has no usable CUDA device"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "device ", name, " requested but this LibTorch build has no usable CUDA device"));
     }
     try {
       return at::Device(name);
@@ -100,8 +103,8 @@ absl::StatusOr<std::unique_ptr<RetNet>> RetNet::Create(ModelConfig config, Model
     }
     if (it->second.sizes().vec() != shape) {
       return absl::InvalidArgumentError(absl::StrCat("weight '", name, "' has shape ",
-                                                     ShapeString(it->second.sizes()),
-                                                     ", expected ", ShapeString(shape)));
+                                                     ShapeString(it->second.sizes()), ", expected ",
+                                                     ShapeString(shape)));
     }
     if (!at::isFloatingType(it->second.scalar_type())) {
       return absl::InvalidArgumentError(absl::StrCat("weight '", name, "' is not floating point"));
@@ -131,7 +134,9 @@ absl::StatusOr<std::unique_ptr<RetNet>> RetNet::Create(ModelConfig config, Model
       if (it == weights.tensors.end()) return at::Tensor();
       return it->second.to(options.device, at::kFloat).contiguous();
     };
-    auto linear = [&](const std::string& name) { return Linear{param(name + ".w"), param(name + ".b")}; };
+    auto linear = [&](const std::string& name) {
+      return Linear{param(name + ".w"), param(name + ".b")};
+    };
     auto norm = [&](const std::string& name) { return Norm{fp32(name + ".w"), fp32(name + ".b")}; };
     if (c.is_language_model()) {
       net->embed_ = param("embed.w");
@@ -169,7 +174,8 @@ absl::StatusOr<std::unique_ptr<RetNet>> RetNet::Create(ModelConfig config, Model
       net->layers_.push_back(std::move(layer));
     }
   } catch (const std::exception& e) {
-    return absl::InternalError(absl::StrCat("moving weights to the device failed: ", FirstLine(e.what())));
+    return absl::InternalError(
+        absl::StrCat("moving weights to the device failed: ", FirstLine(e.what())));
   }
   return net;
 }
@@ -205,12 +211,14 @@ int64_t RetNet::StateBytesPerSession() const {
 }
 
 at::Tensor RetNet::NewState(int64_t batch) const {
-  return at::zeros(StateShape(batch), at::TensorOptions().dtype(at::kFloat).device(options_.device));
+  return at::zeros(StateShape(batch),
+                   at::TensorOptions().dtype(at::kFloat).device(options_.device));
 }
 
 absl::Status RetNet::CheckState(const at::Tensor& state, int64_t batch) const {
   if (!state.defined()) return absl::InvalidArgumentError("state: undefined tensor");
-  if (state.scalar_type() != at::kFloat) return absl::InvalidArgumentError("state: must be float32");
+  if (state.scalar_type() != at::kFloat)
+    return absl::InvalidArgumentError("state: must be float32");
   if (state.device() != options_.device) {
     return absl::InvalidArgumentError(absl::StrCat("state: on ", state.device().str(),
                                                    ", the model is on ", options_.device.str()));
@@ -222,7 +230,8 @@ absl::Status RetNet::CheckState(const at::Tensor& state, int64_t batch) const {
   if (state.stride(4) != 1 || state.stride(3) != config_.head_v_dim() ||
       state.stride(2) != config_.head_k_dim() * config_.head_v_dim() ||
       state.stride(1) != config_.num_heads * config_.head_k_dim() * config_.head_v_dim()) {
-    return absl::InvalidArgumentError("state: each layer's [B, H, d_k, d_v] block must be contiguous");
+    return absl::InvalidArgumentError(
+        "state: each layer's [B, H, d_k, d_v] block must be contiguous");
   }
   return absl::OkStatus();
 }
@@ -231,15 +240,15 @@ absl::Status RetNet::CheckInput(const at::Tensor& input, int64_t dims) const {
   if (!input.defined()) return absl::InvalidArgumentError("input: undefined tensor");
   if (config_.is_language_model()) {
     if (input.scalar_type() != at::kLong || input.dim() != dims) {
-      return absl::InvalidArgumentError(absl::StrCat("tokens: expected int64 with ", dims,
-                                                     " dimensions, got ", c10::toString(input.scalar_type()),
-                                                     " ", ShapeString(input.sizes())));
+      return absl::InvalidArgumentError(
+          absl::StrCat("tokens: expected int64 with ", dims, " dimensions, got ",
+                       c10::toString(input.scalar_type()), " ", ShapeString(input.sizes())));
     }
   } else if (!at::isFloatingType(input.scalar_type()) || input.dim() != dims + 1 ||
              input.size(-1) != config_.hidden_size) {
-    return absl::InvalidArgumentError(absl::StrCat("features: expected floating point with ", dims + 1,
-                                                   " dimensions and last dimension ", config_.hidden_size,
-                                                   ", got ", ShapeString(input.sizes())));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "features: expected floating point with ", dims + 1, " dimensions and last dimension ",
+        config_.hidden_size, ", got ", ShapeString(input.sizes())));
   }
   return absl::OkStatus();
 }
@@ -379,7 +388,8 @@ at::Tensor RetNet::SequenceMixer(const Layer& layer, const at::Tensor& h, int64_
       // inner_r = sum_{j<=r} gamma^(r-j) (q_r . k_j) v_j
       at::Tensor oc = at::matmul(at::matmul(qc, kc.transpose(-1, -2)) * DecayMask(lg, c), vc);
       // cross_r = gamma^(r+1) q_r^T S_prev
-      at::Tensor q_decay = at::exp((r + 1).unsqueeze(0) * lg.unsqueeze(1)).unsqueeze(-1);  // [H,c,1]
+      at::Tensor q_decay =
+          at::exp((r + 1).unsqueeze(0) * lg.unsqueeze(1)).unsqueeze(-1);  // [H,c,1]
       oc = oc + at::matmul(qc * q_decay, s);
       // S <- gamma^c S + sum_j gamma^(c-1-j) k_j v_j^T
       at::Tensor k_decay = at::exp((c - 1 - r).unsqueeze(0) * lg.unsqueeze(1)).unsqueeze(-1);
@@ -416,8 +426,8 @@ absl::StatusOr<at::Tensor> RetNet::Parallel(const at::Tensor& input) const {
     if (config_.is_language_model()) {
       const int64_t lo = input.min().item<int64_t>(), hi = input.max().item<int64_t>();
       if (lo < 0 || hi >= config_.vocab_size) {
-        return absl::InvalidArgumentError(absl::StrCat("tokens: ids must be in [0, ", config_.vocab_size,
-                                                       "), got ", lo < 0 ? lo : hi));
+        return absl::InvalidArgumentError(absl::StrCat(
+            "tokens: ids must be in [0, ", config_.vocab_size, "), got ", lo < 0 ? lo : hi));
       }
     }
     return Sequence(input, at::Tensor(), 0, 0, Outputs::kAll);
@@ -439,8 +449,8 @@ absl::StatusOr<at::Tensor> RetNet::Chunkwise(const at::Tensor& input, const at::
     if (config_.is_language_model()) {
       const int64_t lo = input.min().item<int64_t>(), hi = input.max().item<int64_t>();
       if (lo < 0 || hi >= config_.vocab_size) {
-        return absl::InvalidArgumentError(absl::StrCat("tokens: ids must be in [0, ", config_.vocab_size,
-                                                       "), got ", lo < 0 ? lo : hi));
+        return absl::InvalidArgumentError(absl::StrCat(
+            "tokens: ids must be in [0, ", config_.vocab_size, "), got ", lo < 0 ? lo : hi));
       }
     }
     return Sequence(input, state, start, chunk_size == 0 ? input.size(1) : chunk_size, outputs);

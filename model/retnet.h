@@ -115,7 +115,8 @@ class RetNet {
     at::Tensor log_decay, theta;  // fp32 on device
   };
 
-  RetNet(ModelConfig config, const ModelOptions& options) : config_(std::move(config)), options_(options) {}
+  RetNet(ModelConfig config, const ModelOptions& options)
+      : config_(std::move(config)), options_(options) {}
 
   absl::Status CheckState(const at::Tensor& state, int64_t batch) const;
   absl::Status CheckInput(const at::Tensor& input, int64_t dims) const;
@@ -135,7 +136,8 @@ class RetNet {
 
   ModelConfig config_;
   ModelOptions options_;
-  at::ScalarType compute_dtype_ = at::kFloat;  // activations: the weight dtype, but fp32 for CPU fp16
+  at::ScalarType compute_dtype_ =
+      at::kFloat;  // activations: the weight dtype, but fp32 for CPU fp16
   at::Tensor embed_, lm_head_;
   Norm embed_norm_, final_norm_;
   std::vector<Layer> layers_;

@@ -25,7 +25,7 @@ struct DtypeEntry {
 };
 
 constexpr DtypeEntry kDtypes[] = {
-    {"F64", at::kDouble}, {"F32", at::kFloat}, {"F16", at::kHalf}, {"BF16", at::kBFloat16},
+    {"F64", at::kDouble}, {"F32", at::kFloat}, {"F16", at::kHalf},  {"BF16", at::kBFloat16},
     {"I64", at::kLong},   {"I32", at::kInt},   {"I16", at::kShort}, {"I8", at::kChar},
     {"U8", at::kByte},    {"BOOL", at::kBool},
 };
@@ -68,7 +68,8 @@ absl::StatusOr<std::shared_ptr<const SafetensorsFile>> SafetensorsFile::Open(
     void* map = ::mmap(nullptr, file->map_size_, PROT_READ, MAP_PRIVATE, fd, 0);
     if (map == MAP_FAILED) {
       ::close(fd);
-      return absl::InvalidArgumentError(absl::StrCat(path, ": mmap failed: ", std::strerror(errno)));
+      return absl::InvalidArgumentError(
+          absl::StrCat(path, ": mmap failed: ", std::strerror(errno)));
     }
     file->map_ = static_cast<const uint8_t*>(map);
   }
@@ -87,7 +88,8 @@ absl::Status SafetensorsFile::Parse() {
     return absl::InvalidArgumentError(absl::StrCat(path_, ": invalid safetensors file: ", why));
   };
   if (map_size_ < 8) {
-    return bad(absl::StrCat("truncated: ", map_size_, " bytes, need at least 8 for the header size"));
+    return bad(
+        absl::StrCat("truncated: ", map_size_, " bytes, need at least 8 for the header size"));
   }
   uint64_t header_len = 0;
   for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | map_[i];
@@ -102,9 +104,9 @@ absl::Status SafetensorsFile::Parse() {
   data_ = map_ + 8 + header_len;
   data_size_ = map_size_ - 8 - header_len;
 
-  nlohmann::json header = nlohmann::json::parse(
-      reinterpret_cast<const char*>(map_ + 8), reinterpret_cast<const char*>(data_), nullptr,
-      /*allow_exceptions=*/false);
+  nlohmann::json header = nlohmann::json::parse(reinterpret_cast<const char*>(map_ + 8),
+                                                reinterpret_cast<const char*>(data_), nullptr,
+                                                /*allow_exceptions=*/false);
   if (header.is_discarded()) return bad("header is not valid JSON");
   if (!header.is_object()) return bad("header is not a JSON object");
 
@@ -114,7 +116,8 @@ absl::Status SafetensorsFile::Parse() {
     if (name == "__metadata__") {
       if (!entry.is_object()) return bad("__metadata__ is not an object");
       for (auto m = entry.begin(); m != entry.end(); ++m) {
-        if (!m.value().is_string()) return bad(absl::StrCat("__metadata__ value for '", m.key(), "' is not a string"));
+        if (!m.value().is_string())
+          return bad(absl::StrCat("__metadata__ value for '", m.key(), "' is not a string"));
         metadata_[m.key()] = m.value().get<std::string>();
       }
       continue;
@@ -173,8 +176,8 @@ absl::Status SafetensorsFile::Parse() {
             [](const TensorInfo* a, const TensorInfo* b) { return a->begin < b->begin; });
   for (size_t i = 1; i < sorted.size(); ++i) {
     if (sorted[i]->begin < sorted[i - 1]->end) {
-      return bad(absl::StrCat("tensors '", sorted[i - 1]->name, "' and '", sorted[i]->name,
-                              "' overlap"));
+      return bad(
+          absl::StrCat("tensors '", sorted[i - 1]->name, "' and '", sorted[i]->name, "' overlap"));
     }
   }
   return absl::OkStatus();
@@ -215,13 +218,14 @@ absl::Status WriteSafetensors(const std::string& path,
   for (const auto& [name, tensor] : tensors) {
     std::string dtype = SafetensorsDtypeName(tensor.scalar_type());
     if (dtype.empty()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(path, ": tensor '", name, "' has unsupported dtype ",
-                       c10::toString(tensor.scalar_type())));
+      return absl::InvalidArgumentError(absl::StrCat(path, ": tensor '", name,
+                                                     "' has unsupported dtype ",
+                                                     c10::toString(tensor.scalar_type())));
     }
     at::Tensor t = tensor.detach().to(at::kCPU).contiguous();
     uint64_t bytes = t.numel() * t.element_size();
-    header[name] = {{"dtype", dtype}, {"shape", t.sizes().vec()}, {"data_offsets", {offset, offset + bytes}}};
+    header[name] = {
+        {"dtype", dtype}, {"shape", t.sizes().vec()}, {"data_offsets", {offset, offset + bytes}}};
     offset += bytes;
     cpu.push_back(std::move(t));
   }

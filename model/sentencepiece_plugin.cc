@@ -23,11 +23,14 @@ void SetError(const std::string& message, char* err, int cap) {
 }
 
 int CopyOut(const std::string& s, char* buf, int cap) {
-  if (buf != nullptr && cap > 0) std::memcpy(buf, s.data(), std::min(s.size(), static_cast<size_t>(cap)));
+  if (buf != nullptr && cap > 0)
+    std::memcpy(buf, s.data(), std::min(s.size(), static_cast<size_t>(cap)));
   return static_cast<int>(s.size());
 }
 
-sentencepiece::SentencePieceProcessor* Sp(void* h) { return static_cast<sentencepiece::SentencePieceProcessor*>(h); }
+sentencepiece::SentencePieceProcessor* Sp(void* h) {
+  return static_cast<sentencepiece::SentencePieceProcessor*>(h);
+}
 
 }  // namespace
 
@@ -63,7 +66,8 @@ RETNET_SP_EXPORT int retnet_sp_info(void* h, int what) {
 
 // Bit flags: 1 control, 2 unknown, 4 byte-fallback piece.
 RETNET_SP_EXPORT int retnet_sp_flags(void* h, int id) {
-  return (Sp(h)->IsControl(id) ? 1 : 0) | (Sp(h)->IsUnknown(id) ? 2 : 0) | (Sp(h)->IsByte(id) ? 4 : 0);
+  return (Sp(h)->IsControl(id) ? 1 : 0) | (Sp(h)->IsUnknown(id) ? 2 : 0) |
+         (Sp(h)->IsByte(id) ? 4 : 0);
 }
 
 // Returns the piece's length; copies at most `cap` bytes.
@@ -72,7 +76,8 @@ RETNET_SP_EXPORT int retnet_sp_piece(void* h, int id, char* buf, int cap) {
 }
 
 // Returns the number of ids (copies at most `cap`), or -1 with `err` set.
-RETNET_SP_EXPORT int retnet_sp_encode(void* h, const char* text, int len, int* ids, int cap, char* err, int errlen) {
+RETNET_SP_EXPORT int retnet_sp_encode(void* h, const char* text, int len, int* ids, int cap,
+                                      char* err, int errlen) {
   try {
     std::vector<int> out;
     auto status = Sp(h)->Encode(std::string_view(text, static_cast<size_t>(len)), &out);

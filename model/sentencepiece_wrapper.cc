@@ -25,7 +25,8 @@ struct Plugin {
 };
 
 std::string PluginPath() {
-  if (const char* env = std::getenv("RETNET_SENTENCEPIECE_PLUGIN"); env != nullptr && *env != '\0') return env;
+  if (const char* env = std::getenv("RETNET_SENTENCEPIECE_PLUGIN"); env != nullptr && *env != '\0')
+    return env;
   char exe[PATH_MAX];
   const ssize_t n = ::readlink("/proc/self/exe", exe, sizeof(exe) - 1);
   std::string dir = n > 0 ? std::string(exe, static_cast<size_t>(n)) : std::string(".");
@@ -50,11 +51,14 @@ const Plugin& GetPlugin() {
       plugin.error = std::string("cannot load the SentencePiece plugin: ") + ::dlerror();
       return;
     }
-    const bool ok = Bind(handle, "retnet_sp_load", &plugin.load) && Bind(handle, "retnet_sp_free", &plugin.free) &&
-                    Bind(handle, "retnet_sp_info", &plugin.info) && Bind(handle, "retnet_sp_flags", &plugin.flags) &&
+    const bool ok = Bind(handle, "retnet_sp_load", &plugin.load) &&
+                    Bind(handle, "retnet_sp_free", &plugin.free) &&
+                    Bind(handle, "retnet_sp_info", &plugin.info) &&
+                    Bind(handle, "retnet_sp_flags", &plugin.flags) &&
                     Bind(handle, "retnet_sp_piece", &plugin.piece) &&
                     Bind(handle, "retnet_sp_encode", &plugin.encode) &&
-                    Bind(handle, "retnet_sp_decode", &plugin.decode) && Bind(handle, "retnet_sp_train", &plugin.train);
+                    Bind(handle, "retnet_sp_decode", &plugin.decode) &&
+                    Bind(handle, "retnet_sp_train", &plugin.train);
     if (!ok) plugin.error = path + ": missing entry points";
   });
   return plugin;
@@ -83,8 +87,8 @@ class PluginModel final : public SentencePieceModel {
   bool Encode(std::string_view text, std::vector<int>* ids, std::string* error) const override {
     char err[kErrLen] = {0};
     ids->resize(text.size() + 16);
-    int n = p_.encode(h_, text.data(), static_cast<int>(text.size()), ids->data(), static_cast<int>(ids->size()),
-                      err, kErrLen);
+    int n = p_.encode(h_, text.data(), static_cast<int>(text.size()), ids->data(),
+                      static_cast<int>(ids->size()), err, kErrLen);
     if (n > static_cast<int>(ids->size())) {
       ids->resize(n);
       n = p_.encode(h_, text.data(), static_cast<int>(text.size()), ids->data(), n, err, kErrLen);
@@ -99,7 +103,8 @@ class PluginModel final : public SentencePieceModel {
   }
   bool Decode(const std::vector<int>& ids, std::string* text) const override {
     text->assign(ids.size() * 8 + 16, '\0');
-    int n = p_.decode(h_, ids.data(), static_cast<int>(ids.size()), text->data(), static_cast<int>(text->size()));
+    int n = p_.decode(h_, ids.data(), static_cast<int>(ids.size()), text->data(),
+                      static_cast<int>(text->size()));
     if (n > static_cast<int>(text->size())) {
       text->resize(n);
       n = p_.decode(h_, ids.data(), static_cast<int>(ids.size()), text->data(), n);
@@ -116,7 +121,8 @@ class PluginModel final : public SentencePieceModel {
 
 }  // namespace
 
-std::unique_ptr<SentencePieceModel> SentencePieceModel::Load(const std::string& path, std::string* error) {
+std::unique_ptr<SentencePieceModel> SentencePieceModel::Load(const std::string& path,
+                                                             std::string* error) {
   const Plugin& plugin = GetPlugin();
   if (!plugin.error.empty()) {
     *error = plugin.error;

@@ -49,7 +49,8 @@ class SentencePieceTokenizer final : public Tokenizer {
   absl::StatusOr<std::vector<int64_t>> Encode(std::string_view text) const override {
     std::vector<int> ids;
     std::string error;
-    if (!sp_->Encode(text, &ids, &error)) return absl::InvalidArgumentError(absl::StrCat("tokenizer: ", error));
+    if (!sp_->Encode(text, &ids, &error))
+      return absl::InvalidArgumentError(absl::StrCat("tokenizer: ", error));
     return std::vector<int64_t>(ids.begin(), ids.end());
   }
   std::string TokenBytes(int64_t id) const override {
@@ -102,31 +103,38 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> LoadSentencePieceTokenizer(const std:
   std::string error;
   auto sp = internal::SentencePieceModel::Load(path, &error);
   if (sp == nullptr) {
-    return absl::InvalidArgumentError(absl::StrCat(path, ": cannot load SentencePiece model: ", error));
+    return absl::InvalidArgumentError(
+        absl::StrCat(path, ": cannot load SentencePiece model: ", error));
   }
   return std::make_unique<SentencePieceTokenizer>(std::move(sp));
 }
 
-absl::StatusOr<std::unique_ptr<Tokenizer>> LoadTokenizer(const std::string& dir, const ModelConfig& config) {
+absl::StatusOr<std::unique_ptr<Tokenizer>> LoadTokenizer(const std::string& dir,
+                                                         const ModelConfig& config) {
   if (!config.is_language_model()) {
-    return absl::FailedPreconditionError(absl::StrCat(dir, ": a backbone checkpoint has no tokenizer"));
+    return absl::FailedPreconditionError(
+        absl::StrCat(dir, ": a backbone checkpoint has no tokenizer"));
   }
   const std::string sp_path = dir + "/tokenizer.model";
   if (Exists(sp_path)) {
     auto tok = LoadSentencePieceTokenizer(sp_path);
     if (!tok.ok()) return tok.status();
     if ((*tok)->vocab_size() > config.vocab_size) {
-      return absl::InvalidArgumentError(absl::StrCat(sp_path, ": tokenizer has ", (*tok)->vocab_size(),
-                                                     " pieces but the model's vocabulary is ", config.vocab_size));
+      return absl::InvalidArgumentError(
+          absl::StrCat(sp_path, ": tokenizer has ", (*tok)->vocab_size(),
+                       " pieces but the model's vocabulary is ", config.vocab_size));
     }
     return tok;
   }
   if (Exists(dir + "/tokenizer.json")) {
-    return absl::UnimplementedError(absl::StrCat(dir, "/tokenizer.json: HF tokenizer.json is not supported; "
-                                                      "provide tokenizer.model (SentencePiece)"));
+    return absl::UnimplementedError(
+        absl::StrCat(dir,
+                     "/tokenizer.json: HF tokenizer.json is not supported; "
+                     "provide tokenizer.model (SentencePiece)"));
   }
   if (config.vocab_size >= 256) return MakeByteTokenizer(config.bos_token_id, config.eos_token_id);
-  return absl::InvalidArgumentError(absl::StrCat(dir, ": no tokenizer.model and vocab_size ", config.vocab_size,
+  return absl::InvalidArgumentError(absl::StrCat(dir, ": no tokenizer.model and vocab_size ",
+                                                 config.vocab_size,
                                                  " is too small for the byte-level tokenizer"));
 }
 
@@ -138,7 +146,11 @@ size_t CompleteUtf8Prefix(std::string_view bytes) {
   while (i > 0 && back < 4) {
     unsigned char c = static_cast<unsigned char>(bytes[i - 1]);
     if ((c & 0xC0) != 0x80) {
-      size_t need = c < 0x80 ? 1 : (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xE ? 3 : (c >> 3) == 0x1E ? 4 : 1;
+      size_t need = c < 0x80           ? 1
+                    : (c >> 5) == 0x6  ? 2
+                    : (c >> 4) == 0xE  ? 3
+                    : (c >> 3) == 0x1E ? 4
+                                       : 1;
       return (n - (i - 1) >= need) ? n : i - 1;
     }
     --i;

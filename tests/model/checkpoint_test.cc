@@ -26,9 +26,10 @@ ModelConfig FlaConfig() {
 }
 
 std::string FlaConfigJson(const std::string& extra = "") {
-  return absl::StrCat(R"({"model_type": "retnet", "hidden_size": 32, "num_hidden_layers": 2, )",
-                      R"("num_heads": 2, "expand_k": 1, "expand_v": 2, "hidden_ratio": 2, "vocab_size": 61, )",
-                      R"("norm_eps": 1e-6, "hidden_act": "swish", "tie_word_embeddings": false)", extra, "}");
+  return absl::StrCat(
+      R"({"model_type": "retnet", "hidden_size": 32, "num_hidden_layers": 2, )",
+      R"("num_heads": 2, "expand_k": 1, "expand_v": 2, "hidden_ratio": 2, "vocab_size": 61, )",
+      R"("norm_eps": 1e-6, "hidden_act": "swish", "tie_word_embeddings": false)", extra, "}");
 }
 
 // internal name -> fla/HF key.
@@ -43,7 +44,8 @@ std::string FlaKey(const std::string& internal) {
                                                  {".ffn.lin.w", ".mlp.up_proj.weight"},
                                                  {".ffn.out.w", ".mlp.down_proj.weight"}});
   for (const char* p : {"q", "k", "v", "g", "o"}) {
-    k = absl::StrReplaceAll(k, {{absl::StrCat(".", p, ".w"), absl::StrCat(".attn.", p, "_proj.weight")}});
+    k = absl::StrReplaceAll(
+        k, {{absl::StrCat(".", p, ".w"), absl::StrCat(".attn.", p, "_proj.weight")}});
   }
   return "model." + k;
 }
@@ -89,7 +91,8 @@ class CheckpointTest : public ::testing::Test {
   void ExpectError(absl::StatusCode code, const std::vector<std::string>& needles) {
     absl::Status s = LoadStatus();
     EXPECT_EQ(s.code(), code) << s;
-    for (const auto& n : needles) EXPECT_NE(s.message().find(n), std::string::npos) << "'" << n << "' not in: " << s;
+    for (const auto& n : needles)
+      EXPECT_NE(s.message().find(n), std::string::npos) << "'" << n << "' not in: " << s;
   }
 
   std::string dir_;
@@ -115,9 +118,13 @@ TEST_F(CheckpointTest, LoadsShardedCheckpoint) {
   WriteWeights(a, "model-00001-of-00002.safetensors");
   WriteWeights(b, "model-00002-of-00002.safetensors");
   std::string map;
-  for (const auto& [k, v] : a) map += absl::StrCat(map.empty() ? "" : ",", "\"", k, "\": \"model-00001-of-00002.safetensors\"");
-  for (const auto& [k, v] : b) map += absl::StrCat(",\"", k, "\": \"model-00002-of-00002.safetensors\"");
-  std::ofstream(dir_ + "/model.safetensors.index.json") << "{\"metadata\": {}, \"weight_map\": {" << map << "}}";
+  for (const auto& [k, v] : a)
+    map +=
+        absl::StrCat(map.empty() ? "" : ",", "\"", k, "\": \"model-00001-of-00002.safetensors\"");
+  for (const auto& [k, v] : b)
+    map += absl::StrCat(",\"", k, "\": \"model-00002-of-00002.safetensors\"");
+  std::ofstream(dir_ + "/model.safetensors.index.json")
+      << "{\"metadata\": {}, \"weight_map\": {" << map << "}}";
   ExpectSameAsReference();
 }
 
@@ -179,7 +186,8 @@ TEST_F(CheckpointTest, UnknownFamily) {
 TEST_F(CheckpointTest, MissingTensorNamesTensorAndFile) {
   WriteConfig(FlaConfigJson());
   WriteWeights(Without("model.layers.1.attn.k_proj.weight"));
-  ExpectError(absl::StatusCode::kInvalidArgument, {"missing tensor 'model.layers.1.attn.k_proj.weight'", "model.safetensors"});
+  ExpectError(absl::StatusCode::kInvalidArgument,
+              {"missing tensor 'model.layers.1.attn.k_proj.weight'", "model.safetensors"});
 }
 
 TEST_F(CheckpointTest, UnexpectedTensorNamesIt) {
@@ -187,7 +195,8 @@ TEST_F(CheckpointTest, UnexpectedTensorNamesIt) {
   auto tensors = tensors_;
   tensors.emplace_back("model.layers.0.attn.extra.weight", at::zeros({2}));
   WriteWeights(tensors);
-  ExpectError(absl::StatusCode::kInvalidArgument, {"unexpected tensor 'model.layers.0.attn.extra.weight'"});
+  ExpectError(absl::StatusCode::kInvalidArgument,
+              {"unexpected tensor 'model.layers.0.attn.extra.weight'"});
 }
 
 TEST_F(CheckpointTest, WrongShapeNamesTensorAndShapes) {
@@ -198,7 +207,8 @@ TEST_F(CheckpointTest, WrongShapeNamesTensorAndShapes) {
   }
   WriteWeights(tensors);
   ExpectError(absl::StatusCode::kInvalidArgument,
-              {"'model.layers.0.attn.v_proj.weight'", "[63, 32]", "expected [64, 32]", "model.safetensors"});
+              {"'model.layers.0.attn.v_proj.weight'", "[63, 32]", "expected [64, 32]",
+               "model.safetensors"});
 }
 
 TEST_F(CheckpointTest, WrongDtypeNamesIt) {
@@ -237,7 +247,8 @@ TEST_F(CheckpointTest, UnsupportedFlaVariantsAreUnimplemented) {
 }
 
 TEST_F(CheckpointTest, TorchscaleMoeAndMultiwayAreUnimplemented) {
-  const std::string cfg = R"({"family": "torchscale", "decoder_embed_dim": 32, "decoder_value_embed_dim": 64,
+  const std::string cfg =
+      R"({"family": "torchscale", "decoder_embed_dim": 32, "decoder_value_embed_dim": 64,
     "decoder_retention_heads": 2, "decoder_ffn_embed_dim": 48, "decoder_layers": 1, "vocab_size": 61)";
   WriteWeights({{"decoder.layers.0.retention.q_proj.weight", at::zeros({32, 32})}});
   WriteConfig(cfg + R"(, "multiway": true})");

@@ -74,7 +74,8 @@ TEST_F(DefaultModelTest, GreedyTextLooksLikeEnglish) {
   std::vector<int64_t> ids = *tok_->Encode("The ");
   ids.insert(ids.begin(), tok_->bos_id());
   at::Tensor state = model_->NewState(1);
-  at::Tensor logits = *model_->Chunkwise(at::tensor(ids, at::kLong).view({1, -1}), state, 0, 16, Outputs::kLast);
+  at::Tensor logits =
+      *model_->Chunkwise(at::tensor(ids, at::kLong).view({1, -1}), state, 0, 16, Outputs::kLast);
   std::string text;
   int64_t pos = static_cast<int64_t>(ids.size());
   for (int i = 0; i < 300; ++i) {
@@ -84,7 +85,8 @@ TEST_F(DefaultModelTest, GreedyTextLooksLikeEnglish) {
     logits = *model_->Step(at::full({1}, next, at::kLong), at::full({1}, pos++, at::kLong), state);
   }
   ASSERT_GT(text.size(), 40u) << text;
-  const auto letters = std::count_if(text.begin(), text.end(), [](unsigned char ch) { return std::isalpha(ch); });
+  const auto letters =
+      std::count_if(text.begin(), text.end(), [](unsigned char ch) { return std::isalpha(ch); });
   const auto spaces = std::count(text.begin(), text.end(), ' ');
   EXPECT_GT(static_cast<double>(letters) / text.size(), 0.6) << text;
   EXPECT_GT(spaces, static_cast<int64_t>(text.size() / 12)) << text;  // words, not one long run
@@ -95,7 +97,8 @@ TEST_F(DefaultModelTest, GreedyTextLooksLikeEnglish) {
     return s;
   }();
   int common = 0;
-  for (const char* w : {" the ", " and ", " of ", " to ", " a ", " in ", " he ", " was ", " that ", " it "}) {
+  for (const char* w :
+       {" the ", " and ", " of ", " to ", " a ", " in ", " he ", " was ", " that ", " it "}) {
     common += lower.find(w) != std::string::npos;
   }
   EXPECT_GE(common, 2) << text;

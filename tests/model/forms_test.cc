@@ -30,7 +30,8 @@ std::unique_ptr<RetNet> MakeModel(Variant v, at::ScalarType dtype = at::kFloat) 
 }
 
 // Token-by-token recurrent outputs for a whole batch from position `start`.
-at::Tensor Recurrent(const RetNet& model, const at::Tensor& input, const at::Tensor& state, int64_t start) {
+at::Tensor Recurrent(const RetNet& model, const at::Tensor& input, const at::Tensor& state,
+                     int64_t start) {
   std::vector<at::Tensor> out;
   for (int64_t t = 0; t < input.size(1); ++t) {
     at::Tensor pos = at::full({input.size(0)}, start + t, at::kLong);
@@ -130,7 +131,8 @@ TEST_P(FormsTest, BatchedStepAtMixedPositionsEqualsSingleSteps) {
   // A pool with extra rows around the active ones: the step must update exactly rows [2, 6).
   at::Tensor pool = at::randn(model->StateShape(batch + 3));
   pool.narrow(1, 2, batch).copy_(at::cat(states, 1));
-  const at::Tensor untouched = at::cat({pool.narrow(1, 0, 2), pool.narrow(1, 2 + batch, 1)}, 1).clone();
+  const at::Tensor untouched =
+      at::cat({pool.narrow(1, 0, 2), pool.narrow(1, 2 + batch, 1)}, 1).clone();
   at::Tensor view = pool.narrow(1, 2, batch);
   auto batched = model->Step(at::cat(next_inputs, 0), at::tensor(lengths, at::kLong), view);
   ASSERT_TRUE(batched.ok()) << batched.status();
@@ -142,7 +144,8 @@ TEST_P(FormsTest, BatchedStepAtMixedPositionsEqualsSingleSteps) {
     EXPECT_LE(RelErr(batched->narrow(0, b, 1), *alone), kTol) << "session " << b;
     EXPECT_LE(RelErr(pool.narrow(1, 2 + b, 1), alone_state), kTol) << "state of session " << b;
   }
-  EXPECT_TRUE(at::equal(at::cat({pool.narrow(1, 0, 2), pool.narrow(1, 2 + batch, 1)}, 1), untouched));
+  EXPECT_TRUE(
+      at::equal(at::cat({pool.narrow(1, 0, 2), pool.narrow(1, 2 + batch, 1)}, 1), untouched));
 }
 
 TEST_P(FormsTest, ReducedPrecisionWeightsTrackFloat32) {
@@ -165,8 +168,8 @@ TEST_P(FormsTest, ReducedPrecisionWeightsTrackFloat32) {
 }
 
 INSTANTIATE_TEST_SUITE_P(AllVariants, FormsTest,
-                         ::testing::Values(Variant::kFla, Variant::kTorchscale, Variant::kTorchscaleV1,
-                                           Variant::kSeed),
+                         ::testing::Values(Variant::kFla, Variant::kTorchscale,
+                                           Variant::kTorchscaleV1, Variant::kSeed),
                          [](const auto& info) { return VariantName(info.param); });
 
 TEST(FormsValidationTest, BadInputsAreRejectedWithTheFieldName) {
@@ -187,8 +190,9 @@ TEST(FormsValidationTest, BadInputsAreRejectedWithTheFieldName) {
   auto bad_positions = model->Step(at::zeros({1}, at::kLong), at::zeros({2}, at::kLong), state);
   EXPECT_EQ(bad_positions.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(bad_positions.status().message().find("positions"), std::string::npos);
-  auto strided = model->Step(at::zeros({1}, at::kLong), at::zeros({1}, at::kLong),
-                             at::zeros(model->StateShape(1)).transpose(3, 4).contiguous().transpose(3, 4));
+  auto strided =
+      model->Step(at::zeros({1}, at::kLong), at::zeros({1}, at::kLong),
+                  at::zeros(model->StateShape(1)).transpose(3, 4).contiguous().transpose(3, 4));
   EXPECT_EQ(strided.status().code(), absl::StatusCode::kInvalidArgument);
 }
 

@@ -80,12 +80,17 @@ TEST(SafetensorsTest, RejectsOversizedHeader) {
   ExpectInvalid(WriteRaw("{}", 0, kMaxSafetensorsHeaderBytes + 1), "exceeds the limit");
 }
 
-TEST(SafetensorsTest, RejectsHeaderLongerThanFile) { ExpectInvalid(WriteRaw("{}", 0, 4096), "truncated"); }
+TEST(SafetensorsTest, RejectsHeaderLongerThanFile) {
+  ExpectInvalid(WriteRaw("{}", 0, 4096), "truncated");
+}
 
-TEST(SafetensorsTest, RejectsInvalidJson) { ExpectInvalid(WriteRaw("{not json", 0), "not valid JSON"); }
+TEST(SafetensorsTest, RejectsInvalidJson) {
+  ExpectInvalid(WriteRaw("{not json", 0), "not valid JSON");
+}
 
 TEST(SafetensorsTest, RejectsUnknownDtype) {
-  ExpectInvalid(WriteRaw(R"({"w":{"dtype":"F8","shape":[1],"data_offsets":[0,1]}})", 1), "'w': unsupported dtype F8");
+  ExpectInvalid(WriteRaw(R"({"w":{"dtype":"F8","shape":[1],"data_offsets":[0,1]}})", 1),
+                "'w': unsupported dtype F8");
 }
 
 TEST(SafetensorsTest, RejectsTruncatedData) {
@@ -93,11 +98,13 @@ TEST(SafetensorsTest, RejectsTruncatedData) {
 }
 
 TEST(SafetensorsTest, RejectsShapeByteMismatch) {
-  ExpectInvalid(WriteRaw(R"({"w":{"dtype":"F32","shape":[3],"data_offsets":[0,16]}})", 16), "needs 12 bytes");
+  ExpectInvalid(WriteRaw(R"({"w":{"dtype":"F32","shape":[3],"data_offsets":[0,16]}})", 16),
+                "needs 12 bytes");
 }
 
 TEST(SafetensorsTest, RejectsNegativeDimension) {
-  ExpectInvalid(WriteRaw(R"({"w":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}})", 4), "negative");
+  ExpectInvalid(WriteRaw(R"({"w":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}})", 4),
+                "negative");
 }
 
 TEST(SafetensorsTest, RejectsOverlappingTensors) {

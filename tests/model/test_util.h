@@ -15,7 +15,8 @@ namespace retnet::model::testing {
 // Max absolute difference relative to the largest reference magnitude.
 inline double RelErr(const at::Tensor& got, const at::Tensor& want) {
   const double scale = want.abs().max().item<double>();
-  return (got.to(at::kDouble) - want.to(at::kDouble)).abs().max().item<double>() / std::max(scale, 1e-30);
+  return (got.to(at::kDouble) - want.to(at::kDouble)).abs().max().item<double>() /
+         std::max(scale, 1e-30);
 }
 
 enum class Variant { kFla, kTorchscale, kTorchscaleV1, kSeed };

@@ -46,10 +46,11 @@ TEST(SentencePieceTest, TrainedModelLoadsFromCheckpointDirectory) {
     }
   }
   std::string error;
-  ASSERT_TRUE(internal::TrainSentencePiece(
-      "--input=" + dir + "/corpus.txt --model_prefix=" + dir + "/tokenizer --vocab_size=400 "
-      "--model_type=bpe --byte_fallback=true --minloglevel=2",
-      &error))
+  ASSERT_TRUE(
+      internal::TrainSentencePiece("--input=" + dir + "/corpus.txt --model_prefix=" + dir +
+                                       "/tokenizer --vocab_size=400 "
+                                       "--model_type=bpe --byte_fallback=true --minloglevel=2",
+                                   &error))
       << error;
 
   ModelConfig config;
