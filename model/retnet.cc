@@ -45,6 +45,35 @@ std::string ShapeString(at::IntArrayRef shape) {
   return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
 }
 
+uint64_t Fnv1a(const void* data, size_t n, uint64_t hash) {
+  const auto* p = static_cast<const unsigned char*>(data);
+  for (size_t i = 0; i < n; ++i) {
+    hash ^= p[i];
+    hash *= 1099511628211ull;
+  }
+  return hash;
+}
+
+uint64_t Fingerprint(const ModelConfig& config, const ModelWeights& weights) {
+  uint64_t h = 14695981039346656037ull;
+  const std::string summary = config.Summary();
+  h = Fnv1a(summary.data(), summary.size(), h);
+  for (const auto& [name, t] : weights.tensors) {  // std::map: sorted, deterministic
+    h = Fnv1a(name.data(), name.size(), h);
+    const double sum = t.sum(at::kDouble).item<double>();
+    h = Fnv1a(&sum, sizeof(sum), h);
+    const int64_t n = t.numel();
+    at::Tensor sample =
+        t.reshape({-1}).slice(0, 0, n, std::max<int64_t>(1, n / 64)).to(at::kDouble).contiguous();
+    h = Fnv1a(sample.data_ptr(), sample.numel() * sizeof(double), h);
+  }
+  for (const auto& b : weights.buffers) {
+    at::Tensor d = b.log_decay.to(at::kDouble).contiguous();
+    h = Fnv1a(d.data_ptr(), d.numel() * sizeof(double), h);
+  }
+  return h;
+}
+
 }  // namespace
 
 LayerBuffers DefaultBuffers(const ModelConfig& config) {
@@ -120,6 +149,7 @@ absl::StatusOr<std::unique_ptr<RetNet>> RetNet::Create(ModelConfig config, Model
   }
 
   std::unique_ptr<RetNet> net(new RetNet(std::move(config), options));
+  net->fingerprint_ = Fingerprint(net->config_, weights);
   net->compute_dtype_ =
       options.dtype == at::kHalf && options.device.is_cpu() ? at::kFloat : options.dtype;
   const ModelConfig& c = net->config_;

@@ -73,6 +73,9 @@ class RetNet {
 
   const ModelConfig& config() const { return config_; }
   const ModelOptions& options() const { return options_; }
+  // 64-bit fingerprint of the config and the weights as loaded (sums and a sample of every
+  // tensor): equal for the same checkpoint, different for another model. Used by snapshots.
+  uint64_t fingerprint() const { return fingerprint_; }
 
   // [num_layers, batch, H, d_k, d_v]
   std::vector<int64_t> StateShape(int64_t batch) const;
@@ -136,6 +139,7 @@ class RetNet {
 
   ModelConfig config_;
   ModelOptions options_;
+  uint64_t fingerprint_ = 0;
   at::ScalarType compute_dtype_ =
       at::kFloat;  // activations: the weight dtype, but fp32 for CPU fp16
   at::Tensor embed_, lm_head_;

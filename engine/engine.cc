@@ -1,0 +1,425 @@
+// Sessions, the state pool and the control operations. The engine loop is in scheduler.cc.
+#include "engine/engine.h"
+
+#include <c10/core/InferenceMode.h>
+
+#include <algorithm>
+#include <cstring>
+#include <random>
+
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+#include "engine/engine_internal.h"
+#include "engine/snapshot.h"
+
+namespace retnet::engine {
+
+const char* FinishReasonName(FinishReason r) {
+  switch (r) {
+    case FinishReason::kLength:
+      return "length";
+    case FinishReason::kStop:
+      return "stop";
+    case FinishReason::kEos:
+      return "eos";
+    case FinishReason::kCancelled:
+      return "cancelled";
+    case FinishReason::kDeadline:
+      return "deadline";
+    case FinishReason::kError:
+      return "error";
+  }
+  return "?";
+}
+
+Engine::Engine(std::shared_ptr<const model::RetNet> model,
+               std::shared_ptr<const model::Tokenizer> tokenizer, EngineOptions options)
+    : model_(std::move(model)), tokenizer_(std::move(tokenizer)), options_(options) {}
+
+absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
+    std::shared_ptr<const model::RetNet> model, std::shared_ptr<const model::Tokenizer> tokenizer,
+    EngineOptions options) {
+  if (model == nullptr || tokenizer == nullptr)
+    return absl::InvalidArgumentError("engine: model and tokenizer required");
+  if (!model->config().is_language_model()) {
+    return absl::InvalidArgumentError(
+        "engine: the model is a backbone (no vocabulary); serving needs a language model");
+  }
+  if (tokenizer->vocab_size() > model->config().vocab_size) {
+    return absl::InvalidArgumentError(
+        "engine: the tokenizer has more ids than the model's vocabulary");
+  }
+  if (options.prefill_token_budget <= 0)
+    return absl::InvalidArgumentError("prefill_token_budget: must be positive");
+  if (options.prefill_chunk_size <= 0)
+    return absl::InvalidArgumentError("prefill_chunk_size: must be positive");
+  if (options.max_queued_requests <= 0)
+    return absl::InvalidArgumentError("max_queued_requests: must be positive");
+  if (options.max_host_sessions < 0)
+    return absl::InvalidArgumentError("max_host_sessions: must not be negative");
+  const int64_t per_session = model->StateBytesPerSession();
+  int64_t slots = options.max_sessions;
+  if (options.state_memory_bytes > 0) slots = options.state_memory_bytes / per_session;
+  if (slots <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat("state pool: no session fits (", per_session,
+                                                   " bytes per session, budget ",
+                                                   options.state_memory_bytes, ")"));
+  }
+  std::unique_ptr<Engine> engine(new Engine(std::move(model), std::move(tokenizer), options));
+  engine->slots_ = slots;
+  engine->fingerprint_ = engine->model_->fingerprint();
+  try {
+    c10::InferenceMode guard;
+    engine->pool_ =
+        at::zeros(engine->model_->StateShape(slots),
+                  at::TensorOptions().dtype(at::kFloat).device(engine->model_->options().device));
+  } catch (const std::exception& e) {
+    return absl::ResourceExhaustedError(absl::StrCat("state pool of ", slots, " sessions (",
+                                                     slots * per_session,
+                                                     " bytes) could not be allocated"));
+  }
+  {
+    absl::MutexLock lock(&engine->mu_);
+    engine->slot_owner_.assign(slots, nullptr);
+  }
+  if (!options.start_paused) engine->Start();
+  return engine;
+}
+
+void Engine::Start() {
+  absl::MutexLock lock(&mu_);
+  if (started_) return;
+  started_ = true;
+  thread_ = std::thread([this] { Loop(); });
+}
+
+Engine::~Engine() {
+  {
+    absl::MutexLock lock(&mu_);
+    stopping_ = true;
+    wake_.SignalAll();
+  }
+  if (thread_.joinable()) thread_.join();
+  // The loop has exited: finish whatever was still queued or running.
+  std::vector<std::unique_ptr<Request>> left;
+  {
+    absl::MutexLock lock(&mu_);
+    for (auto& r : queue_) left.push_back(std::move(r));
+    queue_.clear();
+  }
+  for (auto& r : prefilling_) left.push_back(std::move(r));
+  for (auto& r : decoding_) left.push_back(std::move(r));
+  prefilling_.clear();
+  decoding_.clear();
+  for (auto& r : left)
+    FinishRequest(*r, FinishReason::kCancelled, absl::CancelledError("engine shutting down"));
+}
+
+PoolStats Engine::Stats() const {
+  absl::MutexLock lock(&mu_);
+  PoolStats s;
+  s.device_slots = slots_;
+  s.free_slots = std::count(slot_owner_.begin(), slot_owner_.end(), nullptr);
+  s.decoding = active_;
+  s.sessions = static_cast<int64_t>(sessions_.size());
+  s.spilled = spilled_;
+  s.host_capacity = options_.max_host_sessions;
+  s.state_bytes_per_session = model_->StateBytesPerSession();
+  s.queued = static_cast<int64_t>(queue_.size());
+  return s;
+}
+
+std::string Engine::NewId() {
+  std::random_device rd;
+  std::string id = "s-";
+  static constexpr char kHex[] = "0123456789abcdef";
+  for (int i = 0; i < 16; ++i) id.push_back(kHex[rd() % 16]);
+  return id;
+}
+
+at::Tensor Engine::SlotView(int64_t slot) const { return pool_.narrow(1, slot, 1); }
+
+SessionInfo Engine::Info(const Session& s) const {
+  SessionInfo info;
+  info.id = s.id;
+  info.position = s.position;
+  info.pending_token = s.pending;
+  info.resident = s.slot >= 0;
+  info.generating = s.busy;
+  info.created = s.created;
+  info.last_used = s.last_used;
+  return info;
+}
+
+// A free slot, spilling the least recently used idle resident session to host if needed.
+absl::StatusOr<int64_t> Engine::AcquireSlot() {
+  for (int64_t i = slots_ - 1; i >= active_; --i) {
+    if (slot_owner_[i] == nullptr) return i;
+  }
+  Session* lru = nullptr;
+  for (int64_t i = active_; i < slots_; ++i) {
+    Session* s = slot_owner_[i];
+    if (s != nullptr && !s->busy && (lru == nullptr || s->last_used < lru->last_used)) lru = s;
+  }
+  if (lru == nullptr || spilled_ >= options_.max_host_sessions) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("state pool full: ", slots_, " device slots of ",
+                     model_->StateBytesPerSession(), " bytes, ", active_, " decoding, ", spilled_,
+                     "/", options_.max_host_sessions, " sessions spilled to host"));
+  }
+  c10::InferenceMode guard;
+  const int64_t slot = lru->slot;
+  lru->host_state = SlotView(slot).to(at::kCPU).clone();
+  lru->slot = -1;
+  slot_owner_[slot] = nullptr;
+  ++spilled_;
+  return slot;
+}
+
+absl::Status Engine::MakeResident(Session& s) {
+  if (s.slot >= 0) return absl::OkStatus();
+  ASSIGN_OR_RETURN(int64_t slot, AcquireSlot());
+  c10::InferenceMode guard;
+  SlotView(slot).copy_(s.host_state);
+  s.host_state = at::Tensor();
+  s.slot = slot;
+  slot_owner_[slot] = &s;
+  --spilled_;
+  return absl::OkStatus();
+}
+
+void Engine::SwapSlots(int64_t a, int64_t b) {
+  if (a == b) return;
+  c10::InferenceMode guard;
+  Session* sa = slot_owner_[a];
+  Session* sb = slot_owner_[b];
+  if (sa != nullptr && sb != nullptr) {
+    at::Tensor tmp = SlotView(a).clone();
+    SlotView(a).copy_(SlotView(b));
+    SlotView(b).copy_(tmp);
+  } else if (sa != nullptr) {
+    SlotView(b).copy_(SlotView(a));
+  } else if (sb != nullptr) {
+    SlotView(a).copy_(SlotView(b));
+  }
+  std::swap(slot_owner_[a], slot_owner_[b]);
+  if (slot_owner_[a] != nullptr) slot_owner_[a]->slot = a;
+  if (slot_owner_[b] != nullptr) slot_owner_[b]->slot = b;
+}
+
+void Engine::MoveIntoActive(Session& s) {
+  SwapSlots(s.slot, active_);
+  ++active_;
+}
+
+void Engine::MoveOutOfActive(Session& s) {
+  SwapSlots(s.slot, active_ - 1);
+  --active_;
+}
+
+absl::StatusOr<Engine::Session*> Engine::NewSession(const std::string& requested) {
+  std::string id = requested.empty() ? NewId() : requested;
+  if (id.size() > 128) return absl::InvalidArgumentError("session_id: at most 128 bytes");
+  if (sessions_.count(id) != 0)
+    return absl::AlreadyExistsError(absl::StrCat("session_id: '", id, "' already exists"));
+  ASSIGN_OR_RETURN(int64_t slot, AcquireSlot());
+  auto session = std::make_unique<Session>();
+  session->id = id;
+  session->slot = slot;
+  session->created = session->last_used = absl::Now();
+  std::random_device rd;
+  session->seed = (static_cast<uint64_t>(rd()) << 32) ^ rd();
+  {
+    c10::InferenceMode guard;
+    SlotView(slot).zero_();
+  }
+  slot_owner_[slot] = session.get();
+  Session* raw = session.get();
+  sessions_[id] = std::move(session);
+  return raw;
+}
+
+absl::StatusOr<SessionInfo> Engine::CreateSession(const std::string& id) {
+  absl::MutexLock lock(&mu_);
+  ASSIGN_OR_RETURN(Session * s, NewSession(id));
+  return Info(*s);
+}
+
+absl::StatusOr<SessionInfo> Engine::GetSession(const std::string& id) const {
+  absl::MutexLock lock(&mu_);
+  auto it = sessions_.find(id);
+  if (it == sessions_.end())
+    return absl::NotFoundError(absl::StrCat("session_id: '", id, "' not found"));
+  return Info(*it->second);
+}
+
+absl::Status Engine::DeleteSession(const std::string& id) {
+  absl::MutexLock lock(&mu_);
+  auto it = sessions_.find(id);
+  if (it == sessions_.end())
+    return absl::NotFoundError(absl::StrCat("session_id: '", id, "' not found"));
+  Session& s = *it->second;
+  if (s.busy)
+    return absl::FailedPreconditionError(
+        absl::StrCat("session '", id, "' is generating; cancel it first"));
+  if (s.slot >= 0) {
+    slot_owner_[s.slot] = nullptr;
+  } else {
+    --spilled_;
+  }
+  sessions_.erase(it);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<SessionInfo> Engine::ForkSession(const std::string& source,
+                                                const std::string& new_id) {
+  absl::MutexLock lock(&mu_);
+  auto it = sessions_.find(source);
+  if (it == sessions_.end())
+    return absl::NotFoundError(absl::StrCat("session_id: '", source, "' not found"));
+  Session* src = it->second.get();
+  if (src->busy)
+    return absl::FailedPreconditionError(absl::StrCat("session '", source, "' is generating"));
+  ASSIGN_OR_RETURN(Session * dst, NewSession(new_id));  // may spill others, never the busy ones
+  c10::InferenceMode guard;
+  SlotView(dst->slot).copy_(src->slot >= 0 ? SlotView(src->slot) : src->host_state);
+  dst->position = src->position;
+  dst->pending = src->pending;
+  dst->seed = src->seed;
+  dst->counter = src->counter;
+  dst->history = src->history;
+  src->last_used = absl::Now();
+  return Info(*dst);
+}
+
+absl::StatusOr<std::string> Engine::SnapshotSession(const std::string& id) {
+  absl::MutexLock lock(&mu_);
+  auto it = sessions_.find(id);
+  if (it == sessions_.end())
+    return absl::NotFoundError(absl::StrCat("session_id: '", id, "' not found"));
+  const Session& s = *it->second;
+  if (s.busy)
+    return absl::FailedPreconditionError(absl::StrCat("session '", id, "' is generating"));
+  c10::InferenceMode guard;
+  at::Tensor state = (s.slot >= 0 ? SlotView(s.slot) : s.host_state).to(at::kCPU).contiguous();
+  const model::ModelConfig& c = model_->config();
+  SnapshotData d;
+  d.fingerprint = fingerprint_;
+  d.layers = c.num_layers;
+  d.heads = c.num_heads;
+  d.d_k = c.head_k_dim();
+  d.d_v = c.head_v_dim();
+  d.position = s.position;
+  d.pending_token = s.pending;
+  d.seed = s.seed;
+  d.counter = s.counter;
+  d.history = s.history;
+  d.state.assign(static_cast<const char*>(state.data_ptr()), state.numel() * sizeof(float));
+  return EncodeSnapshot(d);
+}
+
+absl::StatusOr<SessionInfo> Engine::RestoreSession(const std::string& snapshot,
+                                                   const std::string& new_id) {
+  ASSIGN_OR_RETURN(SnapshotData d, DecodeSnapshot(snapshot));
+  const model::ModelConfig& c = model_->config();
+  if (d.fingerprint != fingerprint_) {
+    return absl::InvalidArgumentError(
+        "snapshot: taken with a different model (fingerprint mismatch)");
+  }
+  if (d.layers != c.num_layers || d.heads != c.num_heads || d.d_k != c.head_k_dim() ||
+      d.d_v != c.head_v_dim() || d.dtype != 0 ||
+      static_cast<int64_t>(d.state.size()) != model_->StateBytesPerSession()) {
+    return absl::InvalidArgumentError("snapshot: state dimensions do not match this model");
+  }
+  if (d.position < 0 ||
+      (d.pending_token && (*d.pending_token < 0 || *d.pending_token >= c.vocab_size))) {
+    return absl::InvalidArgumentError("snapshot: invalid position or pending token");
+  }
+  absl::MutexLock lock(&mu_);
+  ASSIGN_OR_RETURN(Session * s, NewSession(new_id));
+  c10::InferenceMode guard;
+  at::Tensor host = at::empty(model_->StateShape(1), at::kFloat);
+  std::memcpy(host.data_ptr(), d.state.data(), d.state.size());
+  SlotView(s->slot).copy_(host);
+  s->position = d.position;
+  s->pending = d.pending_token;
+  s->seed = d.seed;
+  s->counter = d.counter;
+  s->history = std::move(d.history);
+  return Info(*s);
+}
+
+int64_t Engine::ExpireIdleSessions(absl::Time now) {
+  absl::MutexLock lock(&mu_);
+  int64_t n = 0;
+  for (auto it = sessions_.begin(); it != sessions_.end();) {
+    Session& s = *it->second;
+    if (!s.busy && now - s.last_used > options_.session_ttl) {
+      if (s.slot >= 0) {
+        slot_owner_[s.slot] = nullptr;
+      } else {
+        --spilled_;
+      }
+      it = sessions_.erase(it);
+      ++n;
+    } else {
+      ++it;
+    }
+  }
+  return n;
+}
+
+absl::StatusOr<std::shared_ptr<Generation>> Engine::Submit(GenerateRequest request,
+                                                           std::shared_ptr<TokenSink> sink) {
+  const model::ModelConfig& c = model_->config();
+  RETURN_IF_ERROR(ValidateSamplingParams(request.sampling, c.vocab_size));
+  if (request.sampling.max_new_tokens > options_.max_new_tokens_limit) {
+    return absl::InvalidArgumentError(absl::StrCat("sampling.max_new_tokens: at most ",
+                                                   options_.max_new_tokens_limit, ", got ",
+                                                   request.sampling.max_new_tokens));
+  }
+  if (static_cast<int64_t>(request.prompt.size()) > options_.max_prompt_tokens) {
+    return absl::InvalidArgumentError(absl::StrCat("prompt: ", request.prompt.size(),
+                                                   " tokens exceed the limit of ",
+                                                   options_.max_prompt_tokens));
+  }
+  for (int64_t t : request.prompt) {
+    if (t < 0 || t >= c.vocab_size) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "prompt: token id ", t, " is outside the vocabulary [0, ", c.vocab_size, ")"));
+    }
+  }
+  if (sink == nullptr) return absl::InvalidArgumentError("sink: required");
+  absl::MutexLock lock(&mu_);
+  auto it = sessions_.find(request.session_id);
+  if (it == sessions_.end()) {
+    return absl::NotFoundError(absl::StrCat("session_id: '", request.session_id, "' not found"));
+  }
+  Session& s = *it->second;
+  if (s.busy) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "session '", s.id, "' is already generating (one generation per session at a time)"));
+  }
+  if (request.prompt.empty() && !s.pending.has_value()) {
+    return absl::InvalidArgumentError(
+        "prompt: must not be empty (the session has no pending token to continue from)");
+  }
+  if (static_cast<int64_t>(queue_.size()) >= options_.max_queued_requests) {
+    return absl::ResourceExhaustedError(absl::StrCat("admission queue full (", queue_.size(),
+                                                     " waiting, limit ",
+                                                     options_.max_queued_requests, ")"));
+  }
+  auto r = std::make_unique<Request>(request.sampling.stop_strings);
+  r->session = &s;
+  r->sink = std::move(sink);
+  r->generation = std::make_shared<Generation>();
+  r->prompt_tokens = static_cast<int64_t>(request.prompt.size());
+  r->req = std::move(request);
+  s.busy = true;
+  auto generation = r->generation;
+  queue_.push_back(std::move(r));
+  wake_.Signal();
+  return generation;
+}
+
+}  // namespace retnet::engine

@@ -1,0 +1,233 @@
+// File: engine/engine.h
+//
+// The serving engine: sessions whose recurrent state stays on the model's device between
+// requests, advanced together by batched recurrent steps. It knows the model API and nothing of
+// gRPC; the server drives it through this narrow interface.
+//
+// Sessions and state
+//   A state pool [layers, slots, H, d_k, d_v] fp32 is allocated once on the device (capacity from
+//   EngineOptions). Idle sessions spill to host memory, least recently used first, when a slot is
+//   needed, and come back on use; the host holds at most `max_host_sessions`. Sessions that are
+//   decoding occupy the contiguous slot range [0, active), so one step advances
+//   pool.narrow(1, 0, active) in place (a session moves into or out of that range once per
+//   generation, never per step). Idle sessions expire after `session_ttl`.
+//
+// What a session's state contains (the conversation): every prompt token and every token the
+// model produced, including the EOS / stop token / the tokens of a matched stop string, and
+// including tokens produced but not yet delivered when a generation is cancelled or hits its
+// deadline. The last produced token is absorbed lazily (it becomes the first input of the next
+// turn), so `position` counts absorbed tokens and `pending_token` is the one still to absorb.
+// A follow-up turn prefills only its new tokens onto the state.
+//
+// Scheduling (one engine thread per device; see scheduler.cc)
+//   Each iteration admits queued requests, spends at most `prefill_token_budget` prompt tokens on
+//   chunkwise prefill (long prompts continue next iteration, so decoding sessions keep a bounded
+//   inter-token latency), runs one batched recurrent step for every decoding session, samples on
+//   the device and pushes the tokens to each request's sink. Only the sampled ids (and requested
+//   log probabilities) are copied to the host.
+//
+// Threading: all public methods are thread-safe. Submit() never waits for the engine loop. The
+// control operations (create, delete, fork, snapshot, restore) take the session lock briefly and
+// copy at most one session's state. Sinks are called on the engine thread and must not block.
+#ifndef RETNET_ENGINE_ENGINE_H_
+#define RETNET_ENGINE_ENGINE_H_
+
+#include <atomic>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "engine/sampling.h"
+#include "model/retnet.h"
+#include "model/tokenizer.h"
+
+namespace retnet::engine {
+
+struct EngineOptions {
+  // Device slots: `max_sessions`, or, when `state_memory_bytes` > 0, as many as fit in it.
+  int64_t max_sessions = 64;
+  int64_t state_memory_bytes = 0;
+  // Idle sessions kept in host memory once the device slots are full (0 = no spilling).
+  int64_t max_host_sessions = 1024;
+  absl::Duration session_ttl = absl::Minutes(30);
+  // Prompt tokens prefilled per engine iteration (across requests), and the chunk size.
+  int64_t prefill_token_budget = 512;
+  int64_t prefill_chunk_size = 64;
+  // Requests waiting for admission; more are refused with RESOURCE_EXHAUSTED.
+  int64_t max_queued_requests = 256;
+  int64_t max_prompt_tokens = 32768;
+  int64_t max_new_tokens_limit = 4096;
+  // Create() does not start the engine thread; Start() does (warm-up first, or tests).
+  bool start_paused = false;
+};
+
+enum class FinishReason { kLength, kStop, kEos, kCancelled, kDeadline, kError };
+const char* FinishReasonName(FinishReason r);
+
+struct TokenEvent {
+  int64_t token = -1;
+  std::string text;  // newly safe text (may be empty: held back for UTF-8 or a partial stop string)
+  float logprob = 0;
+  std::vector<std::pair<int64_t, float>> top_logprobs;
+};
+
+struct Finish {
+  FinishReason reason = FinishReason::kLength;
+  absl::Status status;      // OK unless kError (or a request refused at admission)
+  std::string text;         // trailing text released at the end (after the last event)
+  std::string stop_string;  // the matched stop string, for kStop by string
+  int64_t prompt_tokens = 0;
+  int64_t completion_tokens = 0;
+  int64_t position = 0;  // the session's absorbed-token count afterwards
+};
+
+// Receives one generation's output on the engine thread. Implementations must not block.
+class TokenSink {
+ public:
+  virtual ~TokenSink() = default;
+  virtual void OnToken(TokenEvent event) = 0;
+  virtual void OnFinish(Finish finish) = 0;  // exactly once, last
+};
+
+struct GenerateRequest {
+  std::string session_id;
+  std::vector<int64_t> prompt;  // new tokens for this turn (may be empty on a continuing turn)
+  SamplingParams sampling;
+  std::optional<absl::Time> deadline;
+};
+
+// A submitted generation; Cancel() is safe from any thread at any time.
+class Generation {
+ public:
+  void Cancel() { cancelled_.store(true); }
+  bool cancelled() const { return cancelled_.load(); }
+
+ private:
+  std::atomic<bool> cancelled_{false};
+};
+
+struct SessionInfo {
+  std::string id;
+  int64_t position = 0;
+  std::optional<int64_t> pending_token;
+  bool resident = false;  // on the device (else spilled to host)
+  bool generating = false;
+  absl::Time created, last_used;
+};
+
+struct PoolStats {
+  int64_t device_slots = 0;
+  int64_t free_slots = 0;
+  int64_t decoding = 0;
+  int64_t sessions = 0;
+  int64_t spilled = 0;
+  int64_t host_capacity = 0;
+  int64_t state_bytes_per_session = 0;
+  int64_t queued = 0;
+};
+
+class Engine {
+ public:
+  // Allocates the pool and starts the engine thread.
+  static absl::StatusOr<std::unique_ptr<Engine>> Create(
+      std::shared_ptr<const model::RetNet> model, std::shared_ptr<const model::Tokenizer> tokenizer,
+      EngineOptions options);
+  // Starts the engine thread if Create() was asked to start paused; no-op otherwise.
+  void Start();
+  ~Engine();  // cancels running generations (their sinks get kCancelled) and joins the thread
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  const model::RetNet& model() const { return *model_; }
+  const model::Tokenizer& tokenizer() const { return *tokenizer_; }
+  const EngineOptions& options() const { return options_; }
+  PoolStats Stats() const;
+
+  // Sessions. An empty id asks for a generated one. ALREADY_EXISTS, RESOURCE_EXHAUSTED (with the
+  // numbers) when neither a device slot nor a host place can be found.
+  absl::StatusOr<SessionInfo> CreateSession(const std::string& id = "");
+  absl::StatusOr<SessionInfo> GetSession(const std::string& id) const;
+  // FAILED_PRECONDITION while generating.
+  absl::Status DeleteSession(const std::string& id);
+  absl::StatusOr<SessionInfo> ForkSession(const std::string& source,
+                                          const std::string& new_id = "");
+  // A versioned byte string: header (model fingerprint, dims, dtype, position, pending token,
+  // sampler seed/counter, token history), the state, a checksum.
+  absl::StatusOr<std::string> SnapshotSession(const std::string& id);
+  // INVALID_ARGUMENT for a corrupted snapshot or one from another model.
+  absl::StatusOr<SessionInfo> RestoreSession(const std::string& snapshot,
+                                             const std::string& new_id = "");
+  // Expires idle sessions unused for longer than the TTL as of `now`; returns how many.
+  int64_t ExpireIdleSessions(absl::Time now);
+
+  // Queues a generation. INVALID_ARGUMENT for bad parameters (naming the field), NOT_FOUND for
+  // an unknown session, FAILED_PRECONDITION if the session is already generating,
+  // RESOURCE_EXHAUSTED when the admission queue is full. On success the sink receives the tokens.
+  absl::StatusOr<std::shared_ptr<Generation>> Submit(GenerateRequest request,
+                                                     std::shared_ptr<TokenSink> sink);
+
+  // A 64-bit fingerprint of the model (config and weights) stored in snapshots.
+  uint64_t model_fingerprint() const { return fingerprint_; }
+
+ private:
+  struct Session;
+  struct Request;
+  Engine(std::shared_ptr<const model::RetNet> model,
+         std::shared_ptr<const model::Tokenizer> tokenizer, EngineOptions options);
+
+  void Loop();
+  // One iteration; returns false when there was nothing to do.
+  bool Iterate();
+  void Admit() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void Prefill();
+  void Decode();
+  void FinishRequest(Request& r, FinishReason reason, absl::Status status = absl::OkStatus());
+  // Handles one sampled token for a request: stop checks, sink. Returns true if it finished.
+  bool Deliver(Request& r, const SampleResult& sample);
+
+  absl::StatusOr<int64_t> AcquireSlot() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status MakeResident(Session& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void SwapSlots(int64_t a, int64_t b) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void MoveIntoActive(Session& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void MoveOutOfActive(Session& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  at::Tensor SlotView(int64_t slot) const;
+  absl::StatusOr<Session*> NewSession(const std::string& id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  SessionInfo Info(const Session& s) const;
+  std::string NewId();
+
+  const std::shared_ptr<const model::RetNet> model_;
+  const std::shared_ptr<const model::Tokenizer> tokenizer_;
+  const EngineOptions options_;
+  int64_t slots_ = 0;
+  uint64_t fingerprint_ = 0;
+  at::Tensor pool_;  // [L, slots, H, d_k, d_v] fp32 on the model's device
+
+  mutable absl::Mutex mu_;
+  absl::CondVar wake_;
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  bool started_ ABSL_GUARDED_BY(mu_) = false;
+  std::map<std::string, std::unique_ptr<Session>> sessions_ ABSL_GUARDED_BY(mu_);
+  std::vector<Session*> slot_owner_ ABSL_GUARDED_BY(mu_);  // nullptr = free
+  int64_t active_ ABSL_GUARDED_BY(mu_) = 0;                // slots [0, active_) are decoding
+  int64_t spilled_ ABSL_GUARDED_BY(mu_) = 0;
+  std::vector<std::unique_ptr<Request>> queue_ ABSL_GUARDED_BY(mu_);
+  uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 0;
+
+  // Owned by the engine thread.
+  std::vector<std::unique_ptr<Request>> prefilling_;
+  std::vector<std::unique_ptr<Request>> decoding_;  // row b decodes in slot b
+
+  std::thread thread_;
+};
+
+}  // namespace retnet::engine
+
+#endif  // RETNET_ENGINE_ENGINE_H_

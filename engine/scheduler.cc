@@ -1,0 +1,287 @@
+// The engine loop: admission, budgeted chunkwise prefill, one batched recurrent step, sampling,
+// delivery. Runs on the engine thread only.
+#include <c10/core/InferenceMode.h>
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "engine/engine.h"
+#include "engine/engine_internal.h"
+
+namespace retnet::engine {
+namespace {
+
+std::optional<FinishReason> Expired(const std::shared_ptr<Generation>& g,
+                                    const GenerateRequest& req, absl::Time now) {
+  if (g->cancelled()) return FinishReason::kCancelled;
+  if (req.deadline.has_value() && now >= *req.deadline) return FinishReason::kDeadline;
+  return std::nullopt;
+}
+
+}  // namespace
+
+void Engine::Loop() {
+  c10::InferenceMode guard;
+  absl::Time next_expiry = absl::Now() + absl::Seconds(1);
+  while (true) {
+    std::vector<std::pair<std::unique_ptr<Request>, absl::Status>> refused;
+    {
+      absl::MutexLock lock(&mu_);
+      while (!stopping_ && queue_.empty() && prefilling_.empty() && decoding_.empty() &&
+             absl::Now() < next_expiry) {
+        wake_.WaitWithDeadline(&mu_, next_expiry);
+      }
+      if (stopping_) return;
+      // Admission: make the session resident and line up its tokens.
+      for (auto& r : queue_) {
+        Session& s = *r->session;
+        absl::Status status = MakeResident(s);
+        if (!status.ok()) {
+          refused.emplace_back(std::move(r), status);
+          continue;
+        }
+        if (r->req.sampling.seed.has_value()) {
+          s.seed = *r->req.sampling.seed;
+          s.counter = 0;
+        }
+        if (s.pending.has_value()) {
+          r->to_prefill.push_back(*s.pending);
+          r->pending_in_front = true;
+          s.pending.reset();
+        }
+        r->to_prefill.insert(r->to_prefill.end(), r->req.prompt.begin(), r->req.prompt.end());
+        prefilling_.push_back(std::move(r));
+      }
+      queue_.clear();
+    }
+    for (auto& [r, status] : refused) FinishRequest(*r, FinishReason::kError, status);
+    const absl::Time now = absl::Now();
+    if (now >= next_expiry) {
+      ExpireIdleSessions(now);
+      next_expiry = now + std::min(absl::Seconds(1), options_.session_ttl);
+    }
+    Prefill();
+    Decode();
+  }
+}
+
+void Engine::Prefill() {
+  int64_t budget = options_.prefill_token_budget;
+  const absl::Time now = absl::Now();
+  for (auto it = prefilling_.begin(); it != prefilling_.end();) {
+    Request& r = **it;
+    if (auto reason = Expired(r.generation, r.req, now)) {
+      FinishRequest(r, *reason);
+      it = prefilling_.erase(it);
+      continue;
+    }
+    if (r.prefilled == r.to_prefill.size()) {  // prompt done: waits for its first sample
+      ++it;
+      continue;
+    }
+    if (budget <= 0) {
+      ++it;
+      continue;
+    }
+    Session& s = *r.session;
+    const int64_t n =
+        std::min<int64_t>(budget, static_cast<int64_t>(r.to_prefill.size() - r.prefilled));
+    std::vector<int64_t> chunk(r.to_prefill.begin() + static_cast<int64_t>(r.prefilled),
+                               r.to_prefill.begin() + static_cast<int64_t>(r.prefilled) + n);
+    at::Tensor tokens = at::tensor(chunk, at::kLong).view({1, n}).to(model_->options().device);
+    auto logits = model_->Chunkwise(tokens, SlotView(s.slot), s.position,
+                                    options_.prefill_chunk_size, model::Outputs::kLast);
+    if (!logits.ok()) {
+      FinishRequest(r, FinishReason::kError, logits.status());
+      it = prefilling_.erase(it);
+      continue;
+    }
+    {
+      absl::MutexLock lock(&mu_);
+      s.position += n;
+      for (int64_t i = 0; i < n; ++i) {
+        if (r.prefilled + i == 0 && r.pending_in_front) continue;  // already in the history
+        s.history.push_back(chunk[i]);
+      }
+    }
+    r.prefilled += n;
+    budget -= n;
+    if (r.prefilled == r.to_prefill.size()) r.logits = logits->view({1, -1});
+    ++it;
+  }
+}
+
+void Engine::Decode() {
+  const absl::Time now = absl::Now();
+  // Rows that stop before stepping (cancelled or past their deadline) leave the batch first.
+  std::vector<std::pair<std::unique_ptr<Request>, FinishReason>> finished;
+  {
+    absl::MutexLock lock(&mu_);
+    for (int64_t b = static_cast<int64_t>(decoding_.size()) - 1; b >= 0; --b) {
+      if (auto reason = Expired(decoding_[b]->generation, decoding_[b]->req, now)) {
+        MoveOutOfActive(*decoding_[b]->session);
+        std::swap(decoding_[b], decoding_.back());
+        finished.emplace_back(std::move(decoding_.back()), *reason);
+        decoding_.pop_back();
+      }
+    }
+  }
+  for (auto& [r, reason] : finished) FinishRequest(*r, reason);
+  finished.clear();
+
+  // Requests whose prompt is complete sample their first token in this iteration.
+  std::vector<std::unique_ptr<Request>> joining;
+  for (auto it = prefilling_.begin(); it != prefilling_.end();) {
+    if ((*it)->logits.defined()) {
+      joining.push_back(std::move(*it));
+      it = prefilling_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  const int64_t batch = static_cast<int64_t>(decoding_.size());
+  if (batch == 0 && joining.empty()) return;
+
+  std::vector<at::Tensor> logits;
+  if (batch > 0) {
+    // Row b decodes in slot b: the step advances pool.narrow(1, 0, batch) in place.
+    std::vector<int64_t> tokens(batch), positions(batch);
+    for (int64_t b = 0; b < batch; ++b) {
+      tokens[b] = decoding_[b]->output.back();
+      positions[b] = decoding_[b]->session->position;
+    }
+    const auto device = model_->options().device;
+    auto step =
+        model_->Step(at::tensor(tokens, at::kLong).to(device),
+                     at::tensor(positions, at::kLong).to(device), pool_.narrow(1, 0, batch));
+    if (!step.ok()) {
+      absl::MutexLock lock(&mu_);
+      for (int64_t b = batch - 1; b >= 0; --b) {
+        MoveOutOfActive(*decoding_[b]->session);
+        finished.emplace_back(std::move(decoding_[b]), FinishReason::kError);
+      }
+      decoding_.clear();
+    } else {
+      absl::MutexLock lock(&mu_);
+      for (auto& r : decoding_) {
+        ++r->session->position;  // the pending token is now in the state
+        r->session->pending.reset();
+      }
+      logits.push_back(*step);
+    }
+    for (auto& [r, reason] : finished) FinishRequest(*r, reason, step.status());
+    finished.clear();
+  }
+  for (auto& r : joining) logits.push_back(r->logits);
+  if (logits.empty()) return;
+
+  // One sampling call for every row.
+  std::vector<Request*> rows;
+  for (auto& r : decoding_) rows.push_back(r.get());
+  for (auto& r : joining) rows.push_back(r.get());
+  std::vector<SampleRow> sample_rows(rows.size());
+  const int64_t eos =
+      tokenizer_->eos_id() >= 0 ? tokenizer_->eos_id() : model_->config().eos_token_id;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    Request& r = *rows[i];
+    SampleRow& row = sample_rows[i];
+    row.params = &r.req.sampling;
+    row.seed = r.session->seed;
+    row.counter = r.session->counter;
+    row.prompt_tokens = &r.session->history;
+    row.output_tokens = &r.output;
+    if (static_cast<int64_t>(r.output.size()) < r.req.sampling.min_tokens) {
+      if (eos >= 0 && !r.req.sampling.ignore_eos) row.suppress.push_back(eos);
+      row.suppress.insert(row.suppress.end(), r.req.sampling.stop_token_ids.begin(),
+                          r.req.sampling.stop_token_ids.end());
+    }
+  }
+  absl::StatusOr<std::vector<SampleResult>> samples = SampleBatch(at::cat(logits, 0), sample_rows);
+
+  std::vector<bool> done(rows.size(), true);
+  if (samples.ok()) {
+    for (size_t i = 0; i < rows.size(); ++i) done[i] = Deliver(*rows[i], (*samples)[i]);
+  } else {
+    for (Request* r : rows) r->finish_reason = FinishReason::kError;
+  }
+
+  std::vector<std::unique_ptr<Request>> to_finish;
+  {
+    absl::MutexLock lock(&mu_);
+    for (int64_t b = batch - 1; b >= 0; --b) {
+      if (!done[b]) continue;
+      MoveOutOfActive(*decoding_[b]->session);
+      std::swap(decoding_[b], decoding_.back());
+      to_finish.push_back(std::move(decoding_.back()));
+      decoding_.pop_back();
+    }
+    for (size_t j = 0; j < joining.size(); ++j) {
+      if (done[batch + j]) {
+        to_finish.push_back(std::move(joining[j]));
+      } else {
+        MoveIntoActive(*joining[j]->session);
+        decoding_.push_back(std::move(joining[j]));
+      }
+    }
+  }
+  for (auto& r : to_finish) FinishRequest(*r, r->finish_reason, samples.status());
+}
+
+bool Engine::Deliver(Request& r, const SampleResult& sample) {
+  const SamplingParams& p = r.req.sampling;
+  const int64_t token = sample.token;
+  {
+    absl::MutexLock lock(&mu_);
+    r.session->pending = token;
+    r.session->history.push_back(token);
+    ++r.session->counter;
+  }
+  r.output.push_back(token);
+  const int64_t eos =
+      tokenizer_->eos_id() >= 0 ? tokenizer_->eos_id() : model_->config().eos_token_id;
+  const bool is_eos = token == eos && eos >= 0 && !p.ignore_eos;
+  const bool is_stop_id =
+      std::find(p.stop_token_ids.begin(), p.stop_token_ids.end(), token) != p.stop_token_ids.end();
+  TokenEvent event;
+  event.token = token;
+  if (!is_eos && !is_stop_id) event.text = r.matcher.Append(tokenizer_->TokenBytes(token));
+  if (p.logprobs >= 0) {
+    event.logprob = sample.logprob;
+    event.top_logprobs = sample.top;
+  }
+  r.sink->OnToken(std::move(event));
+  if (is_eos) {
+    r.finish_reason = FinishReason::kEos;
+    return true;
+  }
+  if (is_stop_id || r.matcher.stopped()) {
+    r.finish_reason = FinishReason::kStop;
+    return true;
+  }
+  if (static_cast<int64_t>(r.output.size()) >= p.max_new_tokens) {
+    r.finish_reason = FinishReason::kLength;
+    return true;
+  }
+  return false;
+}
+
+void Engine::FinishRequest(Request& r, FinishReason reason, absl::Status status) {
+  Finish f;
+  f.reason = reason;
+  f.status = reason == FinishReason::kError ? status : absl::OkStatus();
+  if (reason == FinishReason::kError && f.status.ok())
+    f.status = absl::InternalError("generation failed");
+  if (reason != FinishReason::kError) f.text = r.matcher.Flush();
+  f.stop_string = r.matcher.matched_stop();
+  f.prompt_tokens = r.prompt_tokens;
+  f.completion_tokens = static_cast<int64_t>(r.output.size());
+  {
+    absl::MutexLock lock(&mu_);
+    r.session->busy = false;
+    r.session->last_used = absl::Now();
+    f.position = r.session->position;
+  }
+  r.sink->OnFinish(std::move(f));
+}
+
+}  // namespace retnet::engine

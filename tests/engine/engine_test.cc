@@ -1,0 +1,456 @@
+// The serving engine against a real (small, random-weight) RetNet on the CPU: batching equals
+// running alone, multi-turn equals one parallel pass, fork/snapshot/spill continue exactly, and
+// capacity, queue, TTL, cancellation, deadline and busy cases give their defined outcomes.
+#include "engine/engine.h"
+
+#include <c10/core/InferenceMode.h>
+#include <gtest/gtest.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "model/retnet.h"
+#include "model/tokenizer.h"
+
+namespace retnet::engine {
+namespace {
+
+constexpr int64_t kVocab = 258;
+
+std::shared_ptr<const model::RetNet> SmallModel(uint64_t seed = 5) {
+  model::ModelConfig c;
+  c.num_layers = 2;
+  c.hidden_size = 32;
+  c.num_heads = 2;
+  c.key_dim = 32;
+  c.value_dim = 64;
+  c.vocab_size = kVocab;
+  c.ffn = model::FfnKind::kSwiGlu;
+  c.ffn_dim = 64;
+  auto m = model::RetNet::CreateRandom(c, seed, {});
+  EXPECT_TRUE(m.ok()) << m.status();
+  return std::shared_ptr<const model::RetNet>(std::move(m).value());
+}
+
+// Records one generation; waits are bounded.
+class TestSink : public TokenSink {
+ public:
+  void OnToken(TokenEvent e) override {
+    absl::MutexLock lock(&mu_);
+    events_.push_back(std::move(e));
+  }
+  void OnFinish(Finish f) override {
+    absl::MutexLock lock(&mu_);
+    finish_ = std::move(f);
+  }
+  bool WaitFinish(absl::Duration timeout = absl::Seconds(120)) {
+    absl::MutexLock lock(&mu_);
+    return mu_.AwaitWithTimeout(absl::Condition(
+                                    +[](TestSink* s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s->mu_) {
+                                      return s->finish_.has_value();
+                                    },
+                                    this),
+                                timeout);
+  }
+  bool WaitTokens(size_t n, absl::Duration timeout = absl::Seconds(120)) {
+    absl::MutexLock lock(&mu_);
+    auto ready = [this, n]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+      return events_.size() >= n || finish_.has_value();
+    };
+    return mu_.AwaitWithTimeout(absl::Condition(&ready), timeout) && events_.size() >= n;
+  }
+  std::vector<int64_t> tokens() {
+    absl::MutexLock lock(&mu_);
+    std::vector<int64_t> out;
+    for (const auto& e : events_) out.push_back(e.token);
+    return out;
+  }
+  std::vector<float> logprobs() {
+    absl::MutexLock lock(&mu_);
+    std::vector<float> out;
+    for (const auto& e : events_) out.push_back(e.logprob);
+    return out;
+  }
+  std::string text() {
+    absl::MutexLock lock(&mu_);
+    std::string out;
+    for (const auto& e : events_) out += e.text;
+    return out + (finish_ ? finish_->text : "");
+  }
+  Finish finish() {
+    absl::MutexLock lock(&mu_);
+    return *finish_;
+  }
+
+ private:
+  absl::Mutex mu_;
+  std::vector<TokenEvent> events_ ABSL_GUARDED_BY(mu_);
+  std::optional<Finish> finish_ ABSL_GUARDED_BY(mu_);
+};
+
+std::vector<int64_t> Bytes(const std::string& s) {
+  return std::vector<int64_t>(s.begin(), s.end());
+}
+
+SamplingParams Greedy(int64_t n) {
+  SamplingParams p;
+  p.temperature = 0;
+  p.max_new_tokens = n;
+  p.ignore_eos = true;
+  p.logprobs = 0;
+  return p;
+}
+
+class EngineTest : public ::testing::Test {
+ protected:
+  std::unique_ptr<Engine> MakeEngine(EngineOptions options = {},
+                                     std::shared_ptr<const model::RetNet> m = nullptr) {
+    if (options.prefill_token_budget == EngineOptions{}.prefill_token_budget)
+      options.prefill_token_budget = 48;
+    options.prefill_chunk_size = 16;
+    auto e = Engine::Create(m ? m : model_, tokenizer_, options);
+    EXPECT_TRUE(e.ok()) << e.status();
+    return std::move(e).value();
+  }
+
+  // Runs one turn to completion.
+  std::shared_ptr<TestSink> Run(Engine& e, const std::string& session,
+                                const std::vector<int64_t>& prompt, const SamplingParams& p) {
+    auto sink = std::make_shared<TestSink>();
+    auto g = e.Submit({session, prompt, p, std::nullopt}, sink);
+    EXPECT_TRUE(g.ok()) << g.status();
+    EXPECT_TRUE(sink->WaitFinish());
+    return sink;
+  }
+
+  std::shared_ptr<const model::RetNet> model_ = SmallModel();
+  std::shared_ptr<const model::Tokenizer> tokenizer_ = model::MakeByteTokenizer(256, 257);
+};
+
+TEST_F(EngineTest, BatchedSessionsJoiningAndLeavingEqualEachAlone) {
+  const std::vector<std::string> prompts = {
+      "Hello there",
+      "A much longer prompt that needs several prefill chunks "
+      "because the budget is small",
+      "x", "RetNet"};
+  const std::vector<int64_t> lengths = {12, 30, 7, 22};
+  std::vector<std::vector<int64_t>> alone;
+  {
+    auto e = MakeEngine();
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      ASSERT_TRUE(e->CreateSession("s" + std::to_string(i)).ok());
+      alone.push_back(
+          Run(*e, "s" + std::to_string(i), Bytes(prompts[i]), Greedy(lengths[i]))->tokens());
+      ASSERT_EQ(static_cast<int64_t>(alone.back().size()), lengths[i]);
+    }
+  }
+  auto e = MakeEngine();
+  std::vector<std::shared_ptr<TestSink>> sinks;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    ASSERT_TRUE(e->CreateSession("s" + std::to_string(i)).ok());
+    sinks.push_back(std::make_shared<TestSink>());
+  }
+  // Sessions 0 and 1 start together; 2 joins once 0 has produced 4 tokens, 3 once 1 has 10.
+  ASSERT_TRUE(
+      e->Submit({"s0", Bytes(prompts[0]), Greedy(lengths[0]), std::nullopt}, sinks[0]).ok());
+  ASSERT_TRUE(
+      e->Submit({"s1", Bytes(prompts[1]), Greedy(lengths[1]), std::nullopt}, sinks[1]).ok());
+  ASSERT_TRUE(sinks[0]->WaitTokens(4));
+  ASSERT_TRUE(
+      e->Submit({"s2", Bytes(prompts[2]), Greedy(lengths[2]), std::nullopt}, sinks[2]).ok());
+  ASSERT_TRUE(sinks[1]->WaitTokens(10));
+  ASSERT_TRUE(
+      e->Submit({"s3", Bytes(prompts[3]), Greedy(lengths[3]), std::nullopt}, sinks[3]).ok());
+  for (size_t i = 0; i < sinks.size(); ++i) {
+    ASSERT_TRUE(sinks[i]->WaitFinish());
+    EXPECT_EQ(sinks[i]->finish().reason, FinishReason::kLength);
+    EXPECT_EQ(sinks[i]->tokens(), alone[i]) << "session " << i;
+  }
+}
+
+TEST_F(EngineTest, MultiTurnEqualsOneParallelPassOverTheConversation) {
+  auto e = MakeEngine();
+  ASSERT_TRUE(e->CreateSession("chat").ok());
+  const std::vector<int64_t> p1 = Bytes("First turn of the conversation. "),
+                             p2 = Bytes(" And a second one.");
+  auto t1 = Run(*e, "chat", p1, Greedy(9));
+  auto t2 = Run(*e, "chat", p2, Greedy(11));
+  // The conversation: p1, o1, p2, o2. The state holds all but the last token (pending).
+  std::vector<int64_t> convo = p1;
+  for (int64_t t : t1->tokens()) convo.push_back(t);
+  convo.insert(convo.end(), p2.begin(), p2.end());
+  for (int64_t t : t2->tokens()) convo.push_back(t);
+  auto info = e->GetSession("chat");
+  ASSERT_TRUE(info.ok());
+  EXPECT_EQ(info->position, static_cast<int64_t>(convo.size()) - 1);
+  EXPECT_EQ(info->pending_token, convo.back());
+  EXPECT_EQ(t2->finish().position, info->position);
+
+  c10::InferenceMode guard;
+  at::Tensor tokens = at::tensor(convo, at::kLong).view({1, -1});
+  at::Tensor logp = at::log_softmax(*model_->Parallel(tokens), -1)[0];
+  auto check = [&](const std::vector<int64_t>& out, const std::vector<float>& lps,
+                   int64_t first_pos) {
+    for (size_t i = 0; i < out.size(); ++i) {
+      at::Tensor row = logp[first_pos + static_cast<int64_t>(i) - 1];
+      EXPECT_EQ(row.argmax().item<int64_t>(), out[i]) << "token " << i;
+      EXPECT_NEAR(row[out[i]].item<float>(), lps[i], 1e-4) << "logprob " << i;
+    }
+  };
+  check(t1->tokens(), t1->logprobs(), static_cast<int64_t>(p1.size()));
+  check(t2->tokens(), t2->logprobs(),
+        static_cast<int64_t>(p1.size() + t1->tokens().size() + p2.size()));
+}
+
+SamplingParams Seeded(uint64_t seed, int64_t n) {
+  SamplingParams p;
+  p.temperature = 1.0;
+  p.top_p = 0.95;
+  p.seed = seed;
+  p.max_new_tokens = n;
+  p.ignore_eos = true;
+  p.logprobs = 2;
+  return p;
+}
+
+TEST_F(EngineTest, ForkWithTheSameSeedContinuesIdentically) {
+  auto e = MakeEngine();
+  ASSERT_TRUE(e->CreateSession("a").ok());
+  Run(*e, "a", Bytes("Once upon a time"), Seeded(1, 6));
+  auto fork = e->ForkSession("a", "b");
+  ASSERT_TRUE(fork.ok()) << fork.status();
+  EXPECT_EQ(fork->position, e->GetSession("a")->position);
+  auto a = Run(*e, "a", Bytes(" there"), Seeded(42, 25));
+  auto b = Run(*e, "b", Bytes(" there"), Seeded(42, 25));
+  EXPECT_EQ(a->tokens(), b->tokens());
+  EXPECT_EQ(a->logprobs(), b->logprobs());
+  auto c = Run(*e, "b", Bytes(" there"), Seeded(43, 25));  // another seed, another path
+  EXPECT_NE(c->tokens(), a->tokens());
+}
+
+TEST_F(EngineTest, SnapshotRestoreContinuesBitExactly) {
+  auto e = MakeEngine();
+  ASSERT_TRUE(e->CreateSession("a").ok());
+  Run(*e, "a", Bytes("The state of a session"), Seeded(3, 5));
+  auto snap = e->SnapshotSession("a");
+  ASSERT_TRUE(snap.ok()) << snap.status();
+  auto restored = e->RestoreSession(*snap, "r");
+  ASSERT_TRUE(restored.ok()) << restored.status();
+  EXPECT_EQ(restored->position, e->GetSession("a")->position);
+  // No seed on the request: both continue the snapshotted sampler state.
+  SamplingParams p = Seeded(0, 20);
+  p.seed.reset();
+  auto a = Run(*e, "a", Bytes(" goes on"), p);
+  auto r = Run(*e, "r", Bytes(" goes on"), p);
+  EXPECT_EQ(a->tokens(), r->tokens());
+  EXPECT_EQ(a->logprobs(), r->logprobs());  // bit-exact
+
+  // Corruption and a foreign model are refused.
+  std::string bad = *snap;
+  bad[bad.size() / 2] ^= 0x40;
+  EXPECT_EQ(e->RestoreSession(bad).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(e->RestoreSession(snap->substr(0, 20)).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  auto other = MakeEngine({}, SmallModel(99));
+  auto foreign = other->RestoreSession(*snap);
+  EXPECT_EQ(foreign.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(foreign.status().message().find("different model"), std::string::npos);
+}
+
+TEST_F(EngineTest, SpilledSessionComesBackBitExactly) {
+  EngineOptions small;
+  small.max_sessions = 2;
+  small.max_host_sessions = 4;
+  auto e = MakeEngine(small);
+  auto reference = MakeEngine();
+  for (Engine* engine : {e.get(), reference.get()}) {
+    ASSERT_TRUE(engine->CreateSession("a").ok());
+    Run(*engine, "a", Bytes("spill me to the host"), Greedy(5));
+  }
+  // Two more sessions on a 2-slot pool push "a" (least recently used) out to host memory.
+  ASSERT_TRUE(e->CreateSession("b").ok());
+  ASSERT_TRUE(e->CreateSession("c").ok());
+  EXPECT_FALSE(e->GetSession("a")->resident);
+  EXPECT_EQ(e->Stats().spilled, 1);
+  auto back = Run(*e, "a", Bytes(" and back"), Greedy(15));
+  auto ref = Run(*reference, "a", Bytes(" and back"), Greedy(15));
+  EXPECT_TRUE(e->GetSession("a")->resident);
+  EXPECT_EQ(back->tokens(), ref->tokens());
+  EXPECT_EQ(back->logprobs(), ref->logprobs());
+}
+
+TEST_F(EngineTest, FullPoolIsResourceExhaustedWithTheNumbers) {
+  EngineOptions small;
+  small.max_sessions = 2;
+  small.max_host_sessions = 0;
+  auto e = MakeEngine(small);
+  ASSERT_TRUE(e->CreateSession("a").ok());
+  ASSERT_TRUE(e->CreateSession("b").ok());
+  auto c = e->CreateSession("c");
+  EXPECT_EQ(c.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(c.status().message().find("2 device slots"), std::string::npos) << c.status();
+  EXPECT_EQ(e->CreateSession("a").status().code(), absl::StatusCode::kAlreadyExists);
+  ASSERT_TRUE(e->DeleteSession("a").ok());
+  EXPECT_TRUE(e->CreateSession("c").ok());
+  const PoolStats stats = e->Stats();
+  EXPECT_EQ(stats.device_slots, 2);
+  EXPECT_EQ(stats.free_slots, 0);
+  EXPECT_EQ(stats.state_bytes_per_session, model_->StateBytesPerSession());
+}
+
+TEST_F(EngineTest, MemoryBudgetSizesThePool) {
+  EngineOptions budget;
+  budget.state_memory_bytes = 5 * model_->StateBytesPerSession() + 100;
+  EXPECT_EQ(MakeEngine(budget)->Stats().device_slots, 5);
+}
+
+TEST_F(EngineTest, QueueLimitAndBusySession) {
+  EngineOptions paused;
+  paused.max_queued_requests = 1;
+  paused.start_paused = true;
+  auto e = MakeEngine(paused);
+  ASSERT_TRUE(e->CreateSession("a").ok());
+  ASSERT_TRUE(e->CreateSession("b").ok());
+  auto sink_a = std::make_shared<TestSink>();
+  ASSERT_TRUE(e->Submit({"a", Bytes("hi"), Greedy(3), std::nullopt}, sink_a).ok());
+  auto busy =
+      e->Submit({"a", Bytes("again"), Greedy(3), std::nullopt}, std::make_shared<TestSink>());
+  EXPECT_EQ(busy.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(e->DeleteSession("a").code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(e->SnapshotSession("a").status().code(), absl::StatusCode::kFailedPrecondition);
+  auto full = e->Submit({"b", Bytes("hi"), Greedy(3), std::nullopt}, std::make_shared<TestSink>());
+  EXPECT_EQ(full.status().code(), absl::StatusCode::kResourceExhausted);
+  e->Start();
+  ASSERT_TRUE(sink_a->WaitFinish());
+  EXPECT_EQ(sink_a->tokens().size(), 3u);
+  EXPECT_TRUE(
+      e->Submit({"b", Bytes("hi"), Greedy(3), std::nullopt}, std::make_shared<TestSink>()).ok());
+}
+
+TEST_F(EngineTest, IdleSessionsExpireAfterTheTtl) {
+  EngineOptions ttl;
+  ttl.session_ttl = absl::Minutes(5);
+  auto e = MakeEngine(ttl);
+  ASSERT_TRUE(e->CreateSession("old").ok());
+  EXPECT_EQ(e->ExpireIdleSessions(absl::Now() + absl::Minutes(4)), 0);
+  EXPECT_EQ(e->ExpireIdleSessions(absl::Now() + absl::Minutes(6)), 1);
+  EXPECT_EQ(e->GetSession("old").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(e->Stats().free_slots, e->Stats().device_slots);
+}
+
+TEST_F(EngineTest, CancelledGenerationLeavesAUsableSession) {
+  auto e = MakeEngine();
+  ASSERT_TRUE(e->CreateSession("a").ok());
+  const std::vector<int64_t> prompt = Bytes("Tell me a very long story");
+  auto sink = std::make_shared<TestSink>();
+  auto g = e->Submit({"a", prompt, Greedy(4000), std::nullopt}, sink);
+  ASSERT_TRUE(g.ok());
+  ASSERT_TRUE(sink->WaitTokens(3));
+  (*g)->Cancel();
+  ASSERT_TRUE(sink->WaitFinish());
+  const Finish f = sink->finish();
+  EXPECT_EQ(f.reason, FinishReason::kCancelled);
+  const std::vector<int64_t> out = sink->tokens();
+  ASSERT_GE(out.size(), 3u);
+  ASSERT_LT(out.size(), 4000u);
+  // Defined semantics: every produced token is in the conversation; the last one is pending.
+  auto info = e->GetSession("a");
+  EXPECT_EQ(info->position, static_cast<int64_t>(prompt.size() + out.size()) - 1);
+  EXPECT_EQ(info->pending_token, out.back());
+  EXPECT_FALSE(info->generating);
+  // And the session continues exactly like the uncancelled conversation would.
+  auto next = Run(*e, "a", Bytes("!"), Greedy(4));
+  std::vector<int64_t> convo = prompt;
+  convo.insert(convo.end(), out.begin(), out.end());
+  convo.push_back('!');
+  c10::InferenceMode guard;
+  at::Tensor logits = *model_->Parallel(at::tensor(convo, at::kLong).view({1, -1}));
+  EXPECT_EQ(logits[0][-1].argmax().item<int64_t>(), next->tokens()[0]);
+}
+
+TEST_F(EngineTest, DeadlineEndsTheGenerationAndKeepsTheSession) {
+  auto e = MakeEngine();
+  ASSERT_TRUE(e->CreateSession("a").ok());
+  auto sink = std::make_shared<TestSink>();
+  ASSERT_TRUE(e->Submit({"a", Bytes("late"), Greedy(4000), absl::Now()}, sink).ok());
+  ASSERT_TRUE(sink->WaitFinish());
+  EXPECT_EQ(sink->finish().reason, FinishReason::kDeadline);
+  EXPECT_LT(sink->tokens().size(), 4000u);
+  EXPECT_EQ(Run(*e, "a", Bytes("x"), Greedy(2))->tokens().size(), 2u);
+}
+
+TEST_F(EngineTest, StopStringsStopTokensAndMinTokens) {
+  auto e = MakeEngine();
+  const std::vector<int64_t> prompt = Bytes("abc");
+  ASSERT_TRUE(e->CreateSession("free").ok());
+  auto free_run = Run(*e, "free", prompt, Greedy(40));
+  const std::string text = free_run->text();
+  const std::vector<int64_t> tokens = free_run->tokens();
+  ASSERT_EQ(text.size(), 40u);  // byte tokens: one byte each
+
+  // A stop string taken from the middle of the unconstrained output.
+  const std::string stop = text.substr(10, 3);
+  const size_t at = text.find(stop);
+  SamplingParams p = Greedy(40);
+  p.stop_strings = {stop};
+  ASSERT_TRUE(e->CreateSession("s").ok());
+  auto stopped = Run(*e, "s", prompt, p);
+  EXPECT_EQ(stopped->finish().reason, FinishReason::kStop);
+  EXPECT_EQ(stopped->finish().stop_string, stop);
+  EXPECT_EQ(stopped->text(), text.substr(0, at));  // never a partial stop string
+  EXPECT_EQ(stopped->tokens().size(), at + stop.size());
+
+  // A stop token id ends at its first occurrence; min_tokens suppresses it before that.
+  const int64_t stop_id = tokens[5];
+  const size_t first = std::find(tokens.begin(), tokens.end(), stop_id) - tokens.begin();
+  p = Greedy(40);
+  p.stop_token_ids = {stop_id};
+  ASSERT_TRUE(e->CreateSession("t").ok());
+  auto by_id = Run(*e, "t", prompt, p);
+  EXPECT_EQ(by_id->finish().reason, FinishReason::kStop);
+  EXPECT_EQ(by_id->tokens().size(), first + 1);
+  p.min_tokens = static_cast<int64_t>(first) + 2;
+  ASSERT_TRUE(e->CreateSession("m").ok());
+  auto min_run = Run(*e, "m", prompt, p);
+  EXPECT_GE(min_run->tokens().size(), first + 2);
+  for (size_t i = 0; i + 1 < static_cast<size_t>(p.min_tokens); ++i)
+    EXPECT_NE(min_run->tokens()[i], stop_id);
+}
+
+TEST_F(EngineTest, InvalidRequestsNameTheField) {
+  auto e = MakeEngine();
+  ASSERT_TRUE(e->CreateSession("a").ok());
+  auto submit = [&](const std::string& id, std::vector<int64_t> prompt, SamplingParams p) {
+    return e->Submit({id, std::move(prompt), p, std::nullopt}, std::make_shared<TestSink>())
+        .status();
+  };
+  SamplingParams neg = Greedy(3);
+  neg.temperature = -1;
+  absl::Status s = submit("a", Bytes("x"), neg);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("temperature"), std::string::npos) << s;
+  s = submit("a", {}, Greedy(3));
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("prompt"), std::string::npos) << s;
+  s = submit("a", {kVocab}, Greedy(3));
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("prompt"), std::string::npos) << s;
+  s = submit("a", Bytes("x"), Greedy(1'000'000));
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("max_new_tokens"), std::string::npos) << s;
+  EXPECT_EQ(submit("nope", Bytes("x"), Greedy(3)).code(), absl::StatusCode::kNotFound);
+  EngineOptions limits;
+  limits.max_prompt_tokens = 4;
+  auto limited = MakeEngine(limits);
+  ASSERT_TRUE(limited->CreateSession("a").ok());
+  s = limited
+          ->Submit({"a", Bytes("too long"), Greedy(3), std::nullopt}, std::make_shared<TestSink>())
+          .status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  // The bad requests harmed nothing: the session still works.
+  EXPECT_EQ(Run(*e, "a", Bytes("ok"), Greedy(3))->tokens().size(), 3u);
+}
+
+}  // namespace
+}  // namespace retnet::engine
