@@ -70,8 +70,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
   engine->fingerprint_ = engine->model_->fingerprint();
   try {
     c10::InferenceMode guard;
-    engine->pool_ =
-        at::zeros(engine->model_->StateShape(slots),
+    engine->pool_ = std::make_unique<Pool>();
+    engine->pool_->state = at::zeros(engine->model_->StateShape(slots),
                   at::TensorOptions().dtype(at::kFloat).device(engine->model_->options().device));
   } catch (const std::exception& e) {
     return absl::ResourceExhaustedError(absl::StrCat("state pool of ", slots, " sessions (",
@@ -115,6 +115,24 @@ Engine::~Engine() {
     FinishRequest(*r, FinishReason::kCancelled, absl::CancelledError("engine shutting down"));
 }
 
+ModelSummary Engine::model_summary() const {
+  const model::ModelConfig& c = model_->config();
+  ModelSummary m;
+  m.family = model::FamilyName(c.family);
+  m.layout = c.layout;
+  m.num_layers = c.num_layers;
+  m.hidden_size = c.hidden_size;
+  m.num_heads = c.num_heads;
+  m.head_k_dim = c.head_k_dim();
+  m.head_v_dim = c.head_v_dim();
+  m.vocab_size = c.vocab_size;
+  m.parameters = model::ParameterCount(c);
+  return m;
+}
+
+int64_t Engine::model_vocab_size() const { return model_->config().vocab_size; }
+int64_t Engine::model_state_bytes() const { return model_->StateBytesPerSession(); }
+
 PoolStats Engine::Stats() const {
   absl::MutexLock lock(&mu_);
   PoolStats s;
@@ -137,7 +155,7 @@ std::string Engine::NewId() {
   return id;
 }
 
-at::Tensor Engine::SlotView(int64_t slot) const { return pool_.narrow(1, slot, 1); }
+at::Tensor Engine::SlotView(int64_t slot) const { return pool_->state.narrow(1, slot, 1); }
 
 SessionInfo Engine::Info(const Session& s) const {
   SessionInfo info;
@@ -251,6 +269,16 @@ absl::StatusOr<SessionInfo> Engine::GetSession(const std::string& id) const {
   if (it == sessions_.end())
     return absl::NotFoundError(absl::StrCat("session_id: '", id, "' not found"));
   return Info(*it->second);
+}
+
+std::vector<SessionInfo> Engine::ListSessions(const std::string& prefix) const {
+  absl::MutexLock lock(&mu_);
+  std::vector<SessionInfo> out;
+  for (auto it = sessions_.lower_bound(prefix); it != sessions_.end() && it->first.compare(0, prefix.size(), prefix) == 0;
+       ++it) {
+    out.push_back(Info(*it->second));
+  }
+  return out;
 }
 
 absl::Status Engine::DeleteSession(const std::string& id) {

@@ -26,6 +26,9 @@
 //   the device and pushes the tokens to each request's sink. Only the sampled ids (and requested
 //   log probabilities) are copied to the host.
 //
+// engine.h includes no torch header (the model and the pool are forward-declared), so the gRPC
+// layer compiles without ATen.
+//
 // Threading: all public methods are thread-safe. Submit() never waits for the engine loop. The
 // control operations (create, delete, fork, snapshot, restore) take the session lock briefly and
 // copy at most one session's state. Sinks are called on the engine thread and must not block.
@@ -45,11 +48,19 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
-#include "engine/sampling.h"
-#include "model/retnet.h"
+#include "engine/sampling_params.h"
 #include "model/tokenizer.h"
 
+namespace at {
+class Tensor;
+}  // namespace at
+namespace retnet::model {
+class RetNet;
+}  // namespace retnet::model
+
 namespace retnet::engine {
+
+struct SampleResult;
 
 struct EngineOptions {
   // Device slots: `max_sessions`, or, when `state_memory_bytes` > 0, as many as fit in it.
@@ -134,6 +145,13 @@ struct PoolStats {
   int64_t queued = 0;
 };
 
+// What the gRPC layer reports about the model, without touching the model API.
+struct ModelSummary {
+  std::string family, layout;
+  int64_t num_layers = 0, hidden_size = 0, num_heads = 0, head_k_dim = 0, head_v_dim = 0;
+  int64_t vocab_size = 0, parameters = 0;
+};
+
 class Engine {
  public:
   // Allocates the pool and starts the engine thread.
@@ -149,12 +167,17 @@ class Engine {
   const model::RetNet& model() const { return *model_; }
   const model::Tokenizer& tokenizer() const { return *tokenizer_; }
   const EngineOptions& options() const { return options_; }
+  ModelSummary model_summary() const;
+  int64_t model_vocab_size() const;
+  int64_t model_state_bytes() const;
   PoolStats Stats() const;
 
   // Sessions. An empty id asks for a generated one. ALREADY_EXISTS, RESOURCE_EXHAUSTED (with the
   // numbers) when neither a device slot nor a host place can be found.
   absl::StatusOr<SessionInfo> CreateSession(const std::string& id = "");
   absl::StatusOr<SessionInfo> GetSession(const std::string& id) const;
+  // Every session whose id starts with `prefix` ("" = all), sorted by id.
+  std::vector<SessionInfo> ListSessions(const std::string& prefix = "") const;
   // FAILED_PRECONDITION while generating.
   absl::Status DeleteSession(const std::string& id);
   absl::StatusOr<SessionInfo> ForkSession(const std::string& source,
@@ -208,7 +231,8 @@ class Engine {
   const EngineOptions options_;
   int64_t slots_ = 0;
   uint64_t fingerprint_ = 0;
-  at::Tensor pool_;  // [L, slots, H, d_k, d_v] fp32 on the model's device
+  struct Pool;
+  std::unique_ptr<Pool> pool_;  // the state tensor [L, slots, H, d_k, d_v] fp32 on the device
 
   mutable absl::Mutex mu_;
   absl::CondVar wake_;

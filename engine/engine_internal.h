@@ -6,10 +6,18 @@
 #include <string>
 #include <vector>
 
+#include <ATen/ATen.h>
+
 #include "engine/engine.h"
+#include "engine/sampling.h"
+#include "model/retnet.h"
 #include "engine/stop_matcher.h"
 
 namespace retnet::engine {
+
+struct Engine::Pool {
+  at::Tensor state;
+};
 
 // Guarded by Engine::mu_, except that the engine thread reads `slot` and `position` of a busy
 // session without it (only the engine thread changes them while the session is busy).

@@ -153,7 +153,7 @@ void Engine::Decode() {
     const auto device = model_->options().device;
     auto step =
         model_->Step(at::tensor(tokens, at::kLong).to(device),
-                     at::tensor(positions, at::kLong).to(device), pool_.narrow(1, 0, batch));
+                     at::tensor(positions, at::kLong).to(device), pool_->state.narrow(1, 0, batch));
     if (!step.ok()) {
       absl::MutexLock lock(&mu_);
       for (int64_t b = batch - 1; b >= 0; --b) {

@@ -169,6 +169,42 @@ TEST_F(EngineTest, BatchedSessionsJoiningAndLeavingEqualEachAlone) {
   }
 }
 
+// A sink that notes how many tokens another generation had produced when its own first arrived.
+class WatchingSink : public TestSink {
+ public:
+  explicit WatchingSink(TestSink* other) : other_(other) {}
+  void OnToken(TokenEvent e) override {
+    if (!seen_first_) {
+      seen_first_ = true;
+      other_tokens_at_first_ = other_->tokens().size();
+    }
+    TestSink::OnToken(std::move(e));
+  }
+  size_t other_tokens_at_first() const { return other_tokens_at_first_; }
+
+ private:
+  TestSink* other_;
+  bool seen_first_ = false;  // engine thread only
+  size_t other_tokens_at_first_ = 0;
+};
+
+TEST_F(EngineTest, LongPromptIsPrefilledInBudgetedChunksBetweenDecodeSteps) {
+  auto e = MakeEngine();  // budget 48 prompt tokens per iteration
+  ASSERT_TRUE(e->CreateSession("talker").ok());
+  ASSERT_TRUE(e->CreateSession("reader").ok());
+  auto talker = std::make_shared<TestSink>();
+  ASSERT_TRUE(e->Submit({"talker", Bytes("go"), Greedy(200), std::nullopt}, talker).ok());
+  ASSERT_TRUE(talker->WaitTokens(1));
+  auto reader = std::make_shared<WatchingSink>(talker.get());
+  std::vector<int64_t> long_prompt(960, 'a');  // 20 iterations of prefill at 48 tokens each
+  ASSERT_TRUE(e->Submit({"reader", long_prompt, Greedy(1), std::nullopt}, reader).ok());
+  ASSERT_TRUE(reader->WaitFinish());
+  // The talker kept decoding, one token per iteration, while the prompt was prefilled.
+  EXPECT_GE(reader->other_tokens_at_first(), 20u);
+  ASSERT_TRUE(talker->WaitFinish());
+  EXPECT_EQ(e->GetSession("reader")->position, 960);
+}
+
 TEST_F(EngineTest, MultiTurnEqualsOneParallelPassOverTheConversation) {
   auto e = MakeEngine();
   ASSERT_TRUE(e->CreateSession("chat").ok());
