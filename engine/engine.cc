@@ -71,7 +71,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
   try {
     c10::InferenceMode guard;
     engine->pool_ = std::make_unique<Pool>();
-    engine->pool_->state = at::zeros(engine->model_->StateShape(slots),
+    engine->pool_->state =
+        at::zeros(engine->model_->StateShape(slots),
                   at::TensorOptions().dtype(at::kFloat).device(engine->model_->options().device));
   } catch (const std::exception& e) {
     return absl::ResourceExhaustedError(absl::StrCat("state pool of ", slots, " sessions (",
@@ -274,8 +275,8 @@ absl::StatusOr<SessionInfo> Engine::GetSession(const std::string& id) const {
 std::vector<SessionInfo> Engine::ListSessions(const std::string& prefix) const {
   absl::MutexLock lock(&mu_);
   std::vector<SessionInfo> out;
-  for (auto it = sessions_.lower_bound(prefix); it != sessions_.end() && it->first.compare(0, prefix.size(), prefix) == 0;
-       ++it) {
+  for (auto it = sessions_.lower_bound(prefix);
+       it != sessions_.end() && it->first.compare(0, prefix.size(), prefix) == 0; ++it) {
     out.push_back(Info(*it->second));
   }
   return out;
@@ -377,6 +378,13 @@ absl::StatusOr<SessionInfo> Engine::RestoreSession(const std::string& snapshot,
   return Info(*s);
 }
 
+bool Engine::WaitIdle(absl::Duration timeout) const {
+  absl::MutexLock lock(&mu_);
+  return mu_.AwaitWithTimeout(absl::Condition(
+                                  +[](const int64_t* busy) { return *busy == 0; }, &busy_),
+                              timeout);
+}
+
 int64_t Engine::ExpireIdleSessions(absl::Time now) {
   absl::MutexLock lock(&mu_);
   int64_t n = 0;
@@ -444,6 +452,7 @@ absl::StatusOr<std::shared_ptr<Generation>> Engine::Submit(GenerateRequest reque
   r->prompt_tokens = static_cast<int64_t>(request.prompt.size());
   r->req = std::move(request);
   s.busy = true;
+  ++busy_;
   auto generation = r->generation;
   queue_.push_back(std::move(r));
   wake_.Signal();

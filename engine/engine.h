@@ -188,6 +188,8 @@ class Engine {
   // INVALID_ARGUMENT for a corrupted snapshot or one from another model.
   absl::StatusOr<SessionInfo> RestoreSession(const std::string& snapshot,
                                              const std::string& new_id = "");
+  // Waits until no generation is queued or running; false on timeout.
+  bool WaitIdle(absl::Duration timeout) const;
   // Expires idle sessions unused for longer than the TTL as of `now`; returns how many.
   int64_t ExpireIdleSessions(absl::Time now);
 
@@ -242,6 +244,7 @@ class Engine {
   std::vector<Session*> slot_owner_ ABSL_GUARDED_BY(mu_);  // nullptr = free
   int64_t active_ ABSL_GUARDED_BY(mu_) = 0;                // slots [0, active_) are decoding
   int64_t spilled_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t busy_ ABSL_GUARDED_BY(mu_) = 0;  // sessions with a generation queued or running
   std::vector<std::unique_ptr<Request>> queue_ ABSL_GUARDED_BY(mu_);
   uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 0;
 

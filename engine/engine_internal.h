@@ -2,16 +2,16 @@
 #ifndef RETNET_ENGINE_ENGINE_INTERNAL_H_
 #define RETNET_ENGINE_ENGINE_INTERNAL_H_
 
+#include <ATen/ATen.h>
+
 #include <optional>
 #include <string>
 #include <vector>
 
-#include <ATen/ATen.h>
-
 #include "engine/engine.h"
 #include "engine/sampling.h"
-#include "model/retnet.h"
 #include "engine/stop_matcher.h"
+#include "model/retnet.h"
 
 namespace retnet::engine {
 

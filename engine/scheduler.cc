@@ -278,6 +278,7 @@ void Engine::FinishRequest(Request& r, FinishReason reason, absl::Status status)
   {
     absl::MutexLock lock(&mu_);
     r.session->busy = false;
+    --busy_;
     r.session->last_used = absl::Now();
     f.position = r.session->position;
   }

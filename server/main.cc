@@ -1,0 +1,122 @@
+// retnet-server: serves a RetNet checkpoint (default: the built-in model) over gRPC.
+// Every flag has an environment-variable equivalent (shown in --help).
+#include <spdlog/sinks/stdout_color_sinks.h>
+#include <spdlog/spdlog.h>
+
+#include <CLI/CLI.hpp>
+#include <csignal>
+#include <fstream>
+#include <iostream>
+
+#include "absl/synchronization/notification.h"
+#include "server/server.h"
+
+namespace {
+
+absl::Notification* g_stop = nullptr;
+
+void OnSignal(int) {
+  // Async-signal-safe enough: Notify() only touches an atomic and a futex-based mutex.
+  if (g_stop != nullptr && !g_stop->HasBeenNotified()) g_stop->Notify();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  retnet::server::ServerOptions o;
+  double ttl_s = 1800, snapshot_s = 60, grace_s = 10, state_mb = 0;
+  std::string log_level = "info", port_file;
+  bool json_logs = false;
+  CLI::App app{
+      "retnet-server: RetNet language models over gRPC, with sessions that keep their recurrent "
+      "state."};
+  app.add_option("--checkpoint", o.checkpoint, "checkpoint directory (default: built-in model)")
+      ->envname("RETNET_CHECKPOINT");
+  app.add_option("--listen", o.listen, "listen address")
+      ->envname("RETNET_LISTEN")
+      ->capture_default_str();
+  app.add_option("--device", o.device, "cpu | cuda[:N]")
+      ->envname("RETNET_DEVICE")
+      ->capture_default_str();
+  app.add_option("--dtype", o.dtype, "float32 | bfloat16 | float16")
+      ->envname("RETNET_DTYPE")
+      ->capture_default_str();
+  app.add_option("--max-sessions", o.max_sessions, "device state slots")
+      ->envname("RETNET_MAX_SESSIONS")
+      ->capture_default_str();
+  app.add_option("--state-memory-mb", state_mb,
+                 "state pool budget in MiB (overrides --max-sessions)")
+      ->envname("RETNET_STATE_MEMORY_MB");
+  app.add_option("--max-host-sessions", o.max_host_sessions, "idle sessions spilled to host memory")
+      ->envname("RETNET_MAX_HOST_SESSIONS")
+      ->capture_default_str();
+  app.add_option("--session-ttl-s", ttl_s, "idle session lifetime (seconds)")
+      ->envname("RETNET_SESSION_TTL_S")
+      ->capture_default_str();
+  app.add_option("--state-dir", o.state_dir,
+                 "directory for session snapshots (restart without loss)")
+      ->envname("RETNET_STATE_DIR");
+  app.add_option("--snapshot-interval-s", snapshot_s, "periodic snapshot interval")
+      ->envname("RETNET_SNAPSHOT_INTERVAL_S")
+      ->capture_default_str();
+  app.add_option("--max-prompt-tokens", o.max_prompt_tokens, "prompt length limit")
+      ->envname("RETNET_MAX_PROMPT_TOKENS")
+      ->capture_default_str();
+  app.add_option("--max-new-tokens", o.max_new_tokens, "limit on max_new_tokens")
+      ->envname("RETNET_MAX_NEW_TOKENS")
+      ->capture_default_str();
+  app.add_option("--default-max-new-tokens", o.default_max_new_tokens, "when a request gives none")
+      ->envname("RETNET_DEFAULT_MAX_NEW_TOKENS")
+      ->capture_default_str();
+  app.add_option("--max-queued-requests", o.max_queued_requests, "admission queue")
+      ->envname("RETNET_MAX_QUEUED_REQUESTS")
+      ->capture_default_str();
+  app.add_option("--api-keys-file", o.api_keys_file, "one key per line; enables bearer-token auth")
+      ->envname("RETNET_API_KEYS_FILE");
+  app.add_option("--tls-cert", o.tls_cert, "PEM certificate chain")->envname("RETNET_TLS_CERT");
+  app.add_option("--tls-key", o.tls_key, "PEM private key")->envname("RETNET_TLS_KEY");
+  app.add_option("--max-message-bytes", o.max_message_bytes, "gRPC message size limit")
+      ->envname("RETNET_MAX_MESSAGE_BYTES")
+      ->capture_default_str();
+  app.add_option("--drain-grace-s", grace_s, "on SIGTERM, time running generations get to finish")
+      ->envname("RETNET_DRAIN_GRACE_S")
+      ->capture_default_str();
+  app.add_option("--port-file", port_file, "write the bound port here (useful with :0)")
+      ->envname("RETNET_PORT_FILE");
+  app.add_option("--log-level", log_level, "trace|debug|info|warn|error")
+      ->envname("RETNET_LOG_LEVEL")
+      ->capture_default_str();
+  app.add_flag("--json-logs", json_logs, "log as JSON lines")->envname("RETNET_JSON_LOGS");
+  CLI11_PARSE(app, argc, argv);
+
+  auto logger = spdlog::stderr_color_mt("retnet-server");
+  spdlog::set_default_logger(logger);
+  spdlog::set_level(spdlog::level::from_str(log_level));
+  if (json_logs) {
+    spdlog::set_pattern(R"({"time":"%Y-%m-%dT%H:%M:%S.%e","level":"%l","msg":"%v"})");
+  }
+  o.session_ttl = absl::Seconds(ttl_s);
+  o.snapshot_interval = absl::Seconds(snapshot_s);
+  o.state_memory_bytes = static_cast<int64_t>(state_mb * 1048576.0);
+
+  absl::Notification stop;
+  g_stop = &stop;
+  std::signal(SIGTERM, OnSignal);
+  std::signal(SIGINT, OnSignal);
+
+  auto server = retnet::server::Server::Start(o);
+  if (!server.ok()) {
+    spdlog::error("{}", std::string(server.status().message()));
+    return 1;
+  }
+  spdlog::info("{}", (*server)->Describe());
+  if (!port_file.empty()) {
+    std::ofstream(port_file + ".tmp") << (*server)->port() << "\n";
+    std::rename((port_file + ".tmp").c_str(), port_file.c_str());
+  }
+  stop.WaitForNotification();
+  spdlog::info("draining (grace {} s)", grace_s);
+  (*server)->Drain(absl::Seconds(grace_s));
+  spdlog::info("stopped");
+  return 0;
+}

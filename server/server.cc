@@ -1,0 +1,275 @@
+#include "server/server.h"
+
+#include <dirent.h>
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <spdlog/spdlog.h>
+#include <sys/stat.h>
+
+#include <atomic>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <set>
+#include <sstream>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/synchronization/notification.h"
+#include "common/status_macros.h"
+#include "engine/engine.h"
+#include "model/checkpoint.h"
+#include "model/tokenizer.h"
+#include "server/auth.h"
+#include "server/service.h"
+
+namespace retnet::server {
+namespace {
+
+// Session ids may hold '/' (key tags): file names use hex.
+std::string HexEncode(const std::string& s) {
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string out;
+  for (unsigned char c : s) {
+    out.push_back(kHex[c >> 4]);
+    out.push_back(kHex[c & 15]);
+  }
+  return out;
+}
+
+bool HexDecode(const std::string& s, std::string* out) {
+  if (s.size() % 2 != 0) return false;
+  out->clear();
+  for (size_t i = 0; i < s.size(); i += 2) {
+    auto nib = [](char c) {
+      return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+    };
+    const int hi = nib(s[i]), lo = nib(s[i + 1]);
+    if (hi < 0 || lo < 0) return false;
+    out->push_back(static_cast<char>(hi * 16 + lo));
+  }
+  return true;
+}
+
+absl::StatusOr<std::string> ReadFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::NotFoundError(absl::StrCat(path, ": cannot open"));
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+absl::Status WriteFileAtomically(const std::string& path, const std::string& data) {
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    out.write(data.data(), static_cast<std::streamsize>(data.size()));
+    out.flush();
+    if (!out) return absl::InternalError(absl::StrCat(tmp, ": write failed"));
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    return absl::InternalError(absl::StrCat(path, ": rename failed: ", std::strerror(errno)));
+  }
+  return absl::OkStatus();
+}
+
+std::vector<std::string> ListSnapshots(const std::string& dir) {
+  std::vector<std::string> names;
+  if (DIR* d = ::opendir(dir.c_str())) {
+    while (dirent* e = ::readdir(d)) {
+      std::string name = e->d_name;
+      if (name.size() > 5 && name.compare(name.size() - 5, 5, ".snap") == 0) names.push_back(name);
+    }
+    ::closedir(d);
+  }
+  return names;
+}
+
+}  // namespace
+
+struct Server::Impl {
+  ServerOptions options;
+  std::string checkpoint;
+  std::shared_ptr<const model::RetNet> model;
+  std::unique_ptr<engine::Engine> engine;
+  ApiKeys keys;
+  std::unique_ptr<RetNetService> service;
+  std::unique_ptr<grpc::Server> grpc_server;
+  int port = 0;
+  std::string model_line;
+
+  absl::Mutex mu;
+  bool drained ABSL_GUARDED_BY(mu) = false;
+  absl::Notification stop_housekeeping;
+  std::thread housekeeping;
+
+  std::string SnapshotPath(const std::string& id) const {
+    return options.state_dir + "/" + HexEncode(id) + ".snap";
+  }
+
+  int64_t Restore() {
+    int64_t restored = 0;
+    for (const std::string& name : ListSnapshots(options.state_dir)) {
+      std::string id;
+      if (!HexDecode(name.substr(0, name.size() - 5), &id)) continue;
+      auto data = ReadFile(options.state_dir + "/" + name);
+      absl::StatusOr<engine::SessionInfo> info =
+          data.ok() ? engine->RestoreSession(*data, id) : data.status();
+      if (info.ok()) {
+        ++restored;
+      } else {
+        spdlog::warn("state dir: skipping {}: {}", name, std::string(info.status().message()));
+      }
+    }
+    return restored;
+  }
+
+  int64_t SnapshotAll() {
+    if (options.state_dir.empty()) return 0;
+    int64_t written = 0;
+    std::set<std::string> keep;
+    for (const auto& info : engine->ListSessions()) {
+      const std::string path = SnapshotPath(info.id);
+      keep.insert(path.substr(options.state_dir.size() + 1));
+      if (info.generating) continue;  // its previous file (if any) stays until the next round
+      auto snap = engine->SnapshotSession(info.id);
+      if (!snap.ok()) continue;
+      absl::Status s = WriteFileAtomically(path, *snap);
+      if (s.ok()) {
+        ++written;
+      } else {
+        spdlog::error("snapshot of a session failed: {}", std::string(s.message()));
+      }
+    }
+    for (const std::string& name : ListSnapshots(options.state_dir)) {
+      if (keep.count(name) == 0) std::remove((options.state_dir + "/" + name).c_str());
+    }
+    return written;
+  }
+};
+
+Server::Server(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+Server::~Server() { Drain(absl::ZeroDuration()); }
+
+int Server::port() const { return impl_->port; }
+int64_t Server::SnapshotAll() { return impl_->SnapshotAll(); }
+
+std::string Server::Describe() const {
+  const engine::PoolStats s = impl_->engine->Stats();
+  return absl::StrFormat(
+      "retnet-server listening on %s (port %d): %s from %s on %s/%s; %d session slots x %.2f MiB "
+      "state, "
+      "%d host spill places; state dir %s; auth %s; tls %s",
+      impl_->options.listen, impl_->port, impl_->model_line, impl_->checkpoint,
+      impl_->options.device, impl_->options.dtype, s.device_slots,
+      s.state_bytes_per_session / 1048576.0, s.host_capacity,
+      impl_->options.state_dir.empty() ? "(none)" : impl_->options.state_dir,
+      impl_->keys.enabled() ? "api keys" : "off", impl_->options.tls_cert.empty() ? "off" : "on");
+}
+
+absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& options) {
+  auto impl = std::make_unique<Impl>();
+  impl->options = options;
+  impl->checkpoint = options.checkpoint.empty() ? model::DefaultModelDir() : options.checkpoint;
+  if (!options.api_keys_file.empty()) {
+    ASSIGN_OR_RETURN(impl->keys, ApiKeys::Load(options.api_keys_file));
+  }
+  if (options.tls_cert.empty() != options.tls_key.empty()) {
+    return absl::InvalidArgumentError("tls: give both --tls-cert and --tls-key, or neither");
+  }
+  model::ModelOptions model_options;
+  ASSIGN_OR_RETURN(model_options.device, model::ParseDevice(options.device));
+  ASSIGN_OR_RETURN(model_options.dtype, model::ParseDtype(options.dtype));
+  ASSIGN_OR_RETURN(auto model, model::LoadModel(impl->checkpoint, model_options));
+  ASSIGN_OR_RETURN(auto tokenizer, model::LoadTokenizer(impl->checkpoint, model->config()));
+  impl->model_line = model->config().Summary();
+  impl->model = std::move(model);
+
+  engine::EngineOptions eo;
+  eo.max_sessions = options.max_sessions;
+  eo.state_memory_bytes = options.state_memory_bytes;
+  eo.max_host_sessions = options.max_host_sessions;
+  eo.session_ttl = options.session_ttl;
+  eo.max_prompt_tokens = options.max_prompt_tokens;
+  eo.max_new_tokens_limit = options.max_new_tokens;
+  eo.max_queued_requests = options.max_queued_requests;
+  ASSIGN_OR_RETURN(impl->engine, engine::Engine::Create(impl->model, std::move(tokenizer), eo));
+
+  if (!options.state_dir.empty()) {
+    if (::mkdir(options.state_dir.c_str(), 0755) != 0 && errno != EEXIST) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("state dir ", options.state_dir, ": ", std::strerror(errno)));
+    }
+    const int64_t n = impl->Restore();
+    if (n > 0) spdlog::info("restored {} sessions from {}", n, options.state_dir);
+  }
+
+  ServiceOptions so;
+  so.checkpoint = impl->checkpoint;
+  so.device = options.device;
+  so.dtype = options.dtype;
+  so.snapshot_chunk_bytes = options.snapshot_chunk_bytes;
+  so.default_max_new_tokens = std::min(options.default_max_new_tokens, options.max_new_tokens);
+  impl->service = std::make_unique<RetNetService>(impl->engine.get(), &impl->keys, so);
+
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  std::shared_ptr<grpc::ServerCredentials> creds = grpc::InsecureServerCredentials();
+  if (!options.tls_cert.empty()) {
+    ASSIGN_OR_RETURN(std::string cert, ReadFile(options.tls_cert));
+    ASSIGN_OR_RETURN(std::string key, ReadFile(options.tls_key));
+    grpc::SslServerCredentialsOptions ssl;
+    ssl.pem_key_cert_pairs.push_back({key, cert});
+    creds = grpc::SslServerCredentials(ssl);
+  }
+  builder.AddListeningPort(options.listen, creds, &impl->port);
+  builder.RegisterService(impl->service.get());
+  builder.SetMaxReceiveMessageSize(static_cast<int>(options.max_message_bytes));
+  builder.SetMaxSendMessageSize(static_cast<int>(options.max_message_bytes));
+  impl->grpc_server = builder.BuildAndStart();
+  if (impl->grpc_server == nullptr || impl->port == 0) {
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", options.listen));
+  }
+  auto* health = impl->grpc_server->GetHealthCheckService();
+  health->SetServingStatus(true);
+  health->SetServingStatus("retnet.v1.RetNet", true);
+
+  Impl* raw = impl.get();
+  impl->housekeeping = std::thread([raw] {
+    while (!raw->stop_housekeeping.WaitForNotificationWithTimeout(raw->options.snapshot_interval)) {
+      raw->SnapshotAll();
+    }
+  });
+  return std::unique_ptr<Server>(new Server(std::move(impl)));
+}
+
+void Server::Drain(absl::Duration grace) {
+  {
+    absl::MutexLock lock(&impl_->mu);
+    if (impl_->drained) return;
+    impl_->drained = true;
+  }
+  auto* health = impl_->grpc_server->GetHealthCheckService();
+  health->SetServingStatus(false);
+  impl_->service->set_draining(true);
+  // Running streams get until the grace deadline, then are cancelled.
+  impl_->grpc_server->Shutdown(std::chrono::system_clock::now() + absl::ToChronoNanoseconds(grace));
+  impl_->grpc_server->Wait();
+  spdlog::info("drain: gRPC stopped");
+  impl_->stop_housekeeping.Notify();
+  if (impl_->housekeeping.joinable()) impl_->housekeeping.join();
+  // Cancelled streams cancelled their generations; the engine finishes them within an iteration.
+  if (!impl_->engine->WaitIdle(absl::Seconds(30))) spdlog::warn("drain: generations still running");
+  const int64_t n = impl_->SnapshotAll();
+  if (!impl_->options.state_dir.empty())
+    spdlog::info("drain: {} sessions saved to {}", n, impl_->options.state_dir);
+  health->Shutdown();
+  impl_->engine.reset();
+}
+
+}  // namespace retnet::server

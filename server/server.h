@@ -1,0 +1,67 @@
+// File: server/server.h
+//
+// The retnet-server process in a library: loads the model and tokenizer, builds the engine,
+// restores sessions from the state directory, and serves retnet.v1.RetNet plus
+// grpc.health.v1 (NOT_SERVING while loading and draining) and server reflection.
+//
+// Restart without loss: Drain() reports NOT_SERVING, refuses new work (UNAVAILABLE), lets
+// running generations finish until the grace deadline, stops the gRPC server, and snapshots
+// every session to the state directory; Start() restores them. A periodic snapshot (every
+// `snapshot_interval`) bounds what a crash can lose; files are written atomically.
+//
+// Threading: Start/Drain/Wait from the owning thread; the server runs on gRPC's threads, the
+// engine thread and one housekeeping thread.
+#ifndef RETNET_SERVER_SERVER_H_
+#define RETNET_SERVER_SERVER_H_
+
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+
+namespace retnet::server {
+
+struct ServerOptions {
+  std::string checkpoint;  // empty = the built-in default model
+  std::string listen = "0.0.0.0:50051";
+  std::string device = "cpu";
+  std::string dtype = "float32";
+  int64_t max_sessions = 64;
+  int64_t state_memory_bytes = 0;
+  int64_t max_host_sessions = 1024;
+  absl::Duration session_ttl = absl::Minutes(30);
+  std::string state_dir;  // empty = no persistence
+  absl::Duration snapshot_interval = absl::Seconds(60);
+  int64_t max_prompt_tokens = 32768;
+  int64_t max_new_tokens = 4096;
+  int64_t default_max_new_tokens = 256;
+  int64_t max_queued_requests = 256;
+  std::string api_keys_file;      // empty = no authentication
+  std::string tls_cert, tls_key;  // both or neither
+  int64_t max_message_bytes = 16 << 20;
+  int64_t snapshot_chunk_bytes = 1 << 20;  // ExportSession message size
+};
+
+class Server {
+ public:
+  static absl::StatusOr<std::unique_ptr<Server>> Start(const ServerOptions& options);
+  ~Server();
+
+  int port() const;
+  std::string Describe() const;  // the startup line: model, device, capacity, address
+  // Graceful stop; see the file comment. Idempotent.
+  void Drain(absl::Duration grace);
+  // Snapshots every idle session to the state directory now; returns how many were written.
+  int64_t SnapshotAll();
+
+  struct Impl;
+
+ private:
+  explicit Server(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace retnet::server
+
+#endif  // RETNET_SERVER_SERVER_H_

@@ -1,0 +1,79 @@
+// File: server/service.h
+//
+// The retnet.v1.RetNet gRPC service over an engine::Engine (callback API). It validates
+// requests, maps session ids to the caller's key, converts to the engine's plain types, and
+// streams tokens: a Generate stream writes whatever tokens have accumulated whenever its previous
+// write completes (merging them into one TokenChunk), so a slow reader never blocks the engine.
+//
+// Ownership and threading: the service borrows the engine and the keys (they must outlive the
+// server). Handlers run on gRPC's callback threads and never wait for the engine loop, except
+// the short session lock of control operations.
+#ifndef RETNET_SERVER_SERVICE_H_
+#define RETNET_SERVER_SERVICE_H_
+
+#include <atomic>
+#include <string>
+
+#include "engine/engine.h"
+#include "retnet/v1/retnet.grpc.pb.h"
+#include "server/auth.h"
+
+namespace retnet::server {
+
+struct ServiceOptions {
+  std::string checkpoint;     // reported by GetModelInfo
+  std::string device, dtype;  // reported by GetModelInfo
+  int64_t default_max_new_tokens = 256;
+  int64_t snapshot_chunk_bytes = 1 << 20;
+  int64_t max_snapshot_bytes = int64_t{4} << 30;
+};
+
+class RetNetService final : public retnet::v1::RetNet::CallbackService {
+ public:
+  RetNetService(engine::Engine* engine, const ApiKeys* keys, ServiceOptions options);
+
+  // While draining, new work is refused with UNAVAILABLE.
+  void set_draining(bool draining) { draining_.store(draining); }
+
+  grpc::ServerWriteReactor<retnet::v1::GenerateResponse>* Generate(
+      grpc::CallbackServerContext* context, const retnet::v1::GenerateRequest* request) override;
+  grpc::ServerUnaryReactor* CreateSession(grpc::CallbackServerContext* context,
+                                          const retnet::v1::CreateSessionRequest* request,
+                                          retnet::v1::Session* response) override;
+  grpc::ServerUnaryReactor* GetSession(grpc::CallbackServerContext* context,
+                                       const retnet::v1::GetSessionRequest* request,
+                                       retnet::v1::Session* response) override;
+  grpc::ServerUnaryReactor* ListSessions(grpc::CallbackServerContext* context,
+                                         const retnet::v1::ListSessionsRequest* request,
+                                         retnet::v1::ListSessionsResponse* response) override;
+  grpc::ServerUnaryReactor* ForkSession(grpc::CallbackServerContext* context,
+                                        const retnet::v1::ForkSessionRequest* request,
+                                        retnet::v1::Session* response) override;
+  grpc::ServerUnaryReactor* DeleteSession(grpc::CallbackServerContext* context,
+                                          const retnet::v1::DeleteSessionRequest* request,
+                                          retnet::v1::DeleteSessionResponse* response) override;
+  grpc::ServerWriteReactor<retnet::v1::SnapshotChunk>* ExportSession(
+      grpc::CallbackServerContext* context,
+      const retnet::v1::ExportSessionRequest* request) override;
+  grpc::ServerReadReactor<retnet::v1::ImportSessionRequest>* ImportSession(
+      grpc::CallbackServerContext* context, retnet::v1::Session* response) override;
+  grpc::ServerUnaryReactor* Tokenize(grpc::CallbackServerContext* context,
+                                     const retnet::v1::TokenizeRequest* request,
+                                     retnet::v1::TokenizeResponse* response) override;
+  grpc::ServerUnaryReactor* Detokenize(grpc::CallbackServerContext* context,
+                                       const retnet::v1::DetokenizeRequest* request,
+                                       retnet::v1::DetokenizeResponse* response) override;
+  grpc::ServerUnaryReactor* GetModelInfo(grpc::CallbackServerContext* context,
+                                         const retnet::v1::GetModelInfoRequest* request,
+                                         retnet::v1::ModelInfo* response) override;
+
+ private:
+  engine::Engine* const engine_;
+  const ApiKeys* const keys_;
+  const ServiceOptions options_;
+  std::atomic<bool> draining_{false};
+};
+
+}  // namespace retnet::server
+
+#endif  // RETNET_SERVER_SERVICE_H_
