@@ -71,6 +71,11 @@ int main(int argc, char** argv) {
   app.add_option("--max-queued-requests", o.max_queued_requests, "admission queue")
       ->envname("RETNET_MAX_QUEUED_REQUESTS")
       ->capture_default_str();
+  o.metrics_listen = "0.0.0.0:9100";
+  app.add_option("--metrics-listen", o.metrics_listen,
+                 "Prometheus /metrics and /healthz address (empty = off)")
+      ->envname("RETNET_METRICS_LISTEN")
+      ->capture_default_str();
   app.add_option("--api-keys-file", o.api_keys_file, "one key per line; enables bearer-token auth")
       ->envname("RETNET_API_KEYS_FILE");
   app.add_option("--tls-cert", o.tls_cert, "PEM certificate chain")->envname("RETNET_TLS_CERT");

@@ -4,6 +4,7 @@
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
+#include <httplib.h>
 #include <spdlog/spdlog.h>
 #include <sys/stat.h>
 
@@ -24,6 +25,7 @@
 #include "model/checkpoint.h"
 #include "model/tokenizer.h"
 #include "server/auth.h"
+#include "server/metrics.h"
 #include "server/service.h"
 
 namespace retnet::server {
@@ -100,6 +102,10 @@ struct Server::Impl {
   std::unique_ptr<grpc::Server> grpc_server;
   int port = 0;
   std::string model_line;
+  Metrics metrics;
+  std::unique_ptr<httplib::Server> http;
+  std::thread http_thread;
+  int metrics_port = 0;
 
   absl::Mutex mu;
   bool drained ABSL_GUARDED_BY(mu) = false;
@@ -156,6 +162,7 @@ Server::Server(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Server::~Server() { Drain(absl::ZeroDuration()); }
 
 int Server::port() const { return impl_->port; }
+int Server::metrics_port() const { return impl_->metrics_port; }
 int64_t Server::SnapshotAll() { return impl_->SnapshotAll(); }
 
 std::string Server::Describe() const {
@@ -163,12 +170,17 @@ std::string Server::Describe() const {
   return absl::StrFormat(
       "retnet-server listening on %s (port %d): %s from %s on %s/%s; %d session slots x %.2f MiB "
       "state, "
-      "%d host spill places; state dir %s; auth %s; tls %s",
+      "%d host spill places; state dir %s; auth %s; tls %s; metrics %s",
       impl_->options.listen, impl_->port, impl_->model_line, impl_->checkpoint,
       impl_->options.device, impl_->options.dtype, s.device_slots,
       s.state_bytes_per_session / 1048576.0, s.host_capacity,
       impl_->options.state_dir.empty() ? "(none)" : impl_->options.state_dir,
-      impl_->keys.enabled() ? "api keys" : "off", impl_->options.tls_cert.empty() ? "off" : "on");
+      impl_->keys.enabled() ? "api keys" : "off", impl_->options.tls_cert.empty() ? "off" : "on",
+      impl_->metrics_port > 0 ? absl::StrCat("http://",
+                                             impl_->options.metrics_listen.substr(
+                                                 0, impl_->options.metrics_listen.rfind(':')),
+                                             ":", impl_->metrics_port, "/metrics")
+                              : "off");
 }
 
 absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& options) {
@@ -213,6 +225,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   so.device = options.device;
   so.dtype = options.dtype;
   so.snapshot_chunk_bytes = options.snapshot_chunk_bytes;
+  so.metrics = &impl->metrics;
   so.default_max_new_tokens = std::min(options.default_max_new_tokens, options.max_new_tokens);
   impl->service = std::make_unique<RetNetService>(impl->engine.get(), &impl->keys, so);
 
@@ -240,6 +253,31 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   health->SetServingStatus("retnet.v1.RetNet", true);
 
   Impl* raw = impl.get();
+  if (!options.metrics_listen.empty()) {
+    const size_t colon = options.metrics_listen.rfind(':');
+    if (colon == std::string::npos) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("metrics address '", options.metrics_listen, "': need host:port"));
+    }
+    const std::string host = options.metrics_listen.substr(0, colon);
+    const int want = std::atoi(options.metrics_listen.c_str() + colon + 1);
+    impl->http = std::make_unique<httplib::Server>();
+    impl->http->Get("/metrics", [raw](const httplib::Request&, httplib::Response& res) {
+      res.set_content(raw->metrics.Render(raw->engine->Stats()), "text/plain; version=0.0.4");
+    });
+    impl->http->Get("/healthz", [raw](const httplib::Request&, httplib::Response& res) {
+      absl::MutexLock lock(&raw->mu);
+      res.status = raw->drained ? 503 : 200;
+      res.set_content(raw->drained ? "draining\n" : "ok\n", "text/plain");
+    });
+    impl->metrics_port = want == 0 ? impl->http->bind_to_any_port(host)
+                                   : (impl->http->bind_to_port(host, want) ? want : -1);
+    if (impl->metrics_port <= 0) {
+      return absl::UnavailableError(
+          absl::StrCat("cannot listen for metrics on ", options.metrics_listen));
+    }
+    impl->http_thread = std::thread([raw] { raw->http->listen_after_bind(); });
+  }
   impl->housekeeping = std::thread([raw] {
     while (!raw->stop_housekeeping.WaitForNotificationWithTimeout(raw->options.snapshot_interval)) {
       raw->SnapshotAll();
@@ -269,6 +307,10 @@ void Server::Drain(absl::Duration grace) {
   if (!impl_->options.state_dir.empty())
     spdlog::info("drain: {} sessions saved to {}", n, impl_->options.state_dir);
   health->Shutdown();
+  if (impl_->http) {
+    impl_->http->stop();
+    if (impl_->http_thread.joinable()) impl_->http_thread.join();
+  }
   impl_->engine.reset();
 }
 

@@ -41,6 +41,8 @@ struct ServerOptions {
   std::string tls_cert, tls_key;  // both or neither
   int64_t max_message_bytes = 16 << 20;
   int64_t snapshot_chunk_bytes = 1 << 20;  // ExportSession message size
+  // Prometheus /metrics and /healthz over HTTP ("host:port", port 0 = any; empty = off).
+  std::string metrics_listen;
 };
 
 class Server {
@@ -49,6 +51,7 @@ class Server {
   ~Server();
 
   int port() const;
+  int metrics_port() const;      // 0 when metrics are off
   std::string Describe() const;  // the startup line: model, device, capacity, address
   // Graceful stop; see the file comment. Idempotent.
   void Drain(absl::Duration grace);

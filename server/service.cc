@@ -1,6 +1,7 @@
 #include "server/service.h"
 
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <random>
@@ -9,7 +10,9 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
+#include "common/status_macros.h"
 #include "server/status.h"
+#include "server/turn_stream.h"
 
 namespace retnet::server {
 namespace {
@@ -79,122 +82,25 @@ absl::StatusOr<engine::SamplingParams> ConvertSampling(const v1::GenerateRequest
   return p;
 }
 
-v1::FinishReason ToProto(engine::FinishReason r) {
-  switch (r) {
-    case engine::FinishReason::kLength:
-      return v1::FINISH_REASON_LENGTH;
-    case engine::FinishReason::kEos:
-      return v1::FINISH_REASON_EOS_TOKEN;
-    case engine::FinishReason::kStop:
-      return v1::FINISH_REASON_STOP_SEQUENCE;
-    case engine::FinishReason::kCancelled:
-      return v1::FINISH_REASON_CANCELLED;
-    case engine::FinishReason::kDeadline:
-      return v1::FINISH_REASON_DEADLINE;
-    case engine::FinishReason::kError:
-      return v1::FINISH_REASON_ERROR;
-  }
-  return v1::FINISH_REASON_UNSPECIFIED;
-}
-
-class GenerateReactor;
-
-// The engine's sink for one stream. It outlives the reactor if needed: the reactor detaches
-// itself in OnDone, after which events are dropped.
-class SinkBridge final : public engine::TokenSink {
- public:
-  explicit SinkBridge(GenerateReactor* reactor) : reactor_(reactor) {}
-  void OnToken(engine::TokenEvent event) override;
-  void OnFinish(engine::Finish finish) override;
-  void Detach() {
-    absl::MutexLock lock(&mu_);
-    reactor_ = nullptr;
-  }
-
- private:
-  absl::Mutex mu_;
-  GenerateReactor* reactor_ ABSL_GUARDED_BY(mu_);
-};
-
 class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateResponse> {
  public:
-  GenerateReactor(grpc::CallbackServerContext* context, std::string session_id,
-                  bool created_session)
-      : context_(context), session_id_(std::move(session_id)), created_(created_session) {}
+  // Ends at once with `status`.
+  GenerateReactor(const absl::Status& status, Metrics* metrics) {
+    stream_ = std::make_shared<TurnStream>("", 0, metrics);
+    stream_->Fail(ToGrpc(status));
+    Pump();
+  }
 
-  void Start(engine::Engine* engine, engine::GenerateRequest request) {
-    bridge_ = std::make_shared<SinkBridge>(this);
-    const std::string internal_id = request.session_id;
-    auto generation = engine->Submit(std::move(request), bridge_);
+  GenerateReactor(engine::Engine* engine, Turn turn, Metrics* metrics) {
+    stream_ = std::make_shared<TurnStream>(turn.public_id, engine->model_state_bytes(), metrics);
+    stream_->Attach([this] { Pump(); });
+    const std::string internal_id = turn.request.session_id;
+    auto generation = engine->Submit(std::move(turn.request), stream_);
     if (!generation.ok()) {
-      if (created_) (void)engine->DeleteSession(internal_id);
-      End(ToGrpc(generation.status()));
-      return;
-    }
-    absl::MutexLock lock(&mu_);
-    generation_ = *generation;
-    if (client_gone_) generation_->Cancel();
-  }
-
-  // Engine thread.
-  void Push(engine::TokenEvent e) {
-    {
-      absl::MutexLock lock(&mu_);
-      if (!first_token_) first_token_ = absl::Now();
-      v1::Token* t = pending_.add_tokens();
-      t->set_id(e.token);
-      t->set_text(std::move(e.text));
-      if (e.logprob != 0 || !e.top_logprobs.empty()) t->set_logprob(e.logprob);
-      for (const auto& [id, lp] : e.top_logprobs) {
-        auto* top = t->add_top_logprobs();
-        top->set_id(id);
-        top->set_logprob(lp);
-      }
-    }
-    Pump();
-  }
-
-  void Done(engine::Finish f) {
-    {
-      absl::MutexLock lock(&mu_);
-      if (f.reason == engine::FinishReason::kError) {
-        end_status_ = ToGrpc(f.status);
-      } else if (client_gone_) {
-        end_status_ = grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the client");
-      } else if (f.reason == engine::FinishReason::kDeadline) {
-        end_status_ =
-            grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
-                         absl::StrCat("deadline exceeded after ", f.completion_tokens, " tokens"));
-      } else {
-        final_.emplace();
-        v1::Final* fin = final_->mutable_final();
-        fin->set_finish_reason(ToProto(f.reason));
-        fin->set_text(f.text);
-        fin->set_stop_sequence(f.stop_string);
-        fin->set_session_id(session_id_);
-        auto* usage = fin->mutable_usage();
-        usage->set_prompt_tokens(f.prompt_tokens);
-        usage->set_completion_tokens(f.completion_tokens);
-        usage->set_session_tokens_total(f.position + (f.completion_tokens > 0 ? 1 : 0));
-        const absl::Time now = absl::Now();
-        fin->mutable_timings()->set_first_token_ns(
-            first_token_ ? absl::ToInt64Nanoseconds(*first_token_ - arrival_) : 0);
-        fin->mutable_timings()->set_total_ns(absl::ToInt64Nanoseconds(now - arrival_));
-        end_status_ = grpc::Status::OK;
-      }
-      ended_ = true;
-    }
-    Pump();
-  }
-
-  void set_state_bytes(int64_t bytes) { state_bytes_ = bytes; }
-
-  // Ends the RPC before anything was submitted.
-  void End(grpc::Status status) {
-    {
-      absl::MutexLock lock(&mu_);
-      end_status_ = std::move(status);
-      ended_ = true;
+      if (turn.created) (void)engine->DeleteSession(internal_id);
+      stream_->Fail(ToGrpc(generation.status()));
+    } else {
+      stream_->SetGeneration(*generation);
     }
     Pump();
   }
@@ -203,86 +109,173 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
     {
       absl::MutexLock lock(&mu_);
       writing_ = false;
-      if (!ok) {
-        client_gone_ = true;
-        if (generation_) generation_->Cancel();
-      }
     }
+    if (!ok) stream_->ClientGone();
     Pump();
   }
-
-  void OnCancel() override {
-    absl::MutexLock lock(&mu_);
-    client_gone_ = true;
-    if (generation_) generation_->Cancel();
-  }
-
+  void OnCancel() override { stream_->ClientGone(); }
   void OnDone() override {
-    if (bridge_) bridge_->Detach();
+    stream_->Detach();
     delete this;
   }
 
  private:
-  // Starts the next write or the finish, if none is in flight. One write at a time; tokens that
-  // arrive meanwhile are merged into the next chunk.
+  // One write at a time; the finish after the last one.
   void Pump() {
-    enum { kNothing, kWrite, kWriteAndFinish, kFinish } action = kNothing;
+    absl::MutexLock lock(&mu_);
+    if (writing_ || done_) return;
     grpc::Status status;
-    {
-      absl::MutexLock lock(&mu_);
-      if (writing_ || finished_) return;
-      if (pending_.tokens_size() > 0 && !client_gone_) {
-        *out_.mutable_chunk() = std::move(pending_);
-        pending_.Clear();
+    switch (stream_->Next(&out_, &status)) {
+      case TurnStream::Action::kNothing:
+        return;
+      case TurnStream::Action::kWriteChunk:
         writing_ = true;
-        action = kWrite;
-      } else if (ended_) {
-        finished_ = true;
-        status = end_status_;
-        if (final_ && !client_gone_ && status.ok()) {
-          if (state_bytes_ > 0)
-            final_->mutable_final()->mutable_usage()->set_state_bytes(state_bytes_);
-          out_ = std::move(*final_);
-          action = kWriteAndFinish;
-        } else {
-          action = kFinish;
-        }
-      }
+        StartWrite(&out_);
+        return;
+      case TurnStream::Action::kWriteFinal:
+        done_ = true;
+        StartWriteAndFinish(&out_, grpc::WriteOptions(), grpc::Status::OK);
+        return;
+      case TurnStream::Action::kEndWithStatus:
+        done_ = true;
+        Finish(status);
+        return;
     }
-    if (action == kWrite) StartWrite(&out_);
-    if (action == kWriteAndFinish) StartWriteAndFinish(&out_, grpc::WriteOptions(), status);
-    if (action == kFinish) Finish(status);
   }
 
-  grpc::CallbackServerContext* context_;
-  const std::string session_id_;
-  const bool created_;
-  const absl::Time arrival_ = absl::Now();
-  int64_t state_bytes_ = 0;
-  std::shared_ptr<SinkBridge> bridge_;
-
+  std::shared_ptr<TurnStream> stream_;
   absl::Mutex mu_;
-  std::shared_ptr<engine::Generation> generation_ ABSL_GUARDED_BY(mu_);
-  v1::TokenChunk pending_ ABSL_GUARDED_BY(mu_);
-  std::optional<v1::GenerateResponse> final_ ABSL_GUARDED_BY(mu_);
-  std::optional<absl::Time> first_token_ ABSL_GUARDED_BY(mu_);
-  grpc::Status end_status_ ABSL_GUARDED_BY(mu_);
-  bool ended_ ABSL_GUARDED_BY(mu_) = false;
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
-  bool finished_ ABSL_GUARDED_BY(mu_) = false;
-  bool client_gone_ ABSL_GUARDED_BY(mu_) = false;
+  bool done_ ABSL_GUARDED_BY(mu_) = false;
   v1::GenerateResponse out_;  // the message of the write in flight
 };
 
-void SinkBridge::OnToken(engine::TokenEvent event) {
-  absl::MutexLock lock(&mu_);
-  if (reactor_ != nullptr) reactor_->Push(std::move(event));
-}
+// Chat: turns arrive on the read side; each is generated and streamed like Generate, ending with
+// its Final; then the next turn is read. The first turn's session is the stream's session.
+class ChatReactor final : public grpc::ServerBidiReactor<v1::ChatRequest, v1::GenerateResponse> {
+ public:
+  using Prepare =
+      std::function<absl::StatusOr<Turn>(const v1::GenerateRequest&, const std::string& session)>;
 
-void SinkBridge::OnFinish(engine::Finish finish) {
-  absl::MutexLock lock(&mu_);
-  if (reactor_ != nullptr) reactor_->Done(std::move(finish));
-}
+  ChatReactor(engine::Engine* engine, Prepare prepare, Metrics* metrics)
+      : engine_(engine), prepare_(std::move(prepare)), metrics_(metrics) {
+    StartRead(&in_);
+  }
+
+  // Reads are one at a time, so this never runs concurrently with itself. The stream is
+  // attached before taking mu_: the engine calls Pump (which takes mu_) while holding the
+  // stream's wake lock, so mu_ must never be held while taking that lock.
+  void OnReadDone(bool ok) override {
+    if (!ok) {  // the client closed its side: finish once the current turn is over
+      absl::MutexLock lock(&mu_);
+      closed_ = true;
+      MaybeFinishLocked();
+      return;
+    }
+    std::string session;
+    {
+      absl::MutexLock lock(&mu_);
+      session = session_;
+    }
+    auto turn = prepare_(in_.turn(), session);
+    if (!turn.ok()) {
+      absl::MutexLock lock(&mu_);
+      FinishLocked(ToGrpc(turn.status()));
+      return;
+    }
+    auto stream =
+        std::make_shared<TurnStream>(turn->public_id, engine_->model_state_bytes(), metrics_);
+    stream->Attach([this] { Pump(); });
+    {
+      absl::MutexLock lock(&mu_);
+      if (session_.empty()) session_ = turn->public_id;
+      stream_ = stream;
+      in_turn_ = true;
+    }
+    auto generation = engine_->Submit(std::move(turn->request), stream);
+    absl::MutexLock lock(&mu_);
+    if (!generation.ok()) {
+      in_turn_ = false;
+      FinishLocked(ToGrpc(generation.status()));
+      return;
+    }
+    stream->SetGeneration(*generation);
+  }
+
+  void OnWriteDone(bool ok) override {
+    {
+      absl::MutexLock lock(&mu_);
+      writing_ = false;
+      if (!ok) {
+        if (stream_) stream_->ClientGone();
+        FinishLocked(grpc::Status(grpc::StatusCode::CANCELLED, "client went away"));
+        return;
+      }
+    }
+    Pump();
+  }
+  void OnCancel() override {
+    absl::MutexLock lock(&mu_);
+    if (stream_) stream_->ClientGone();
+  }
+  void OnDone() override {
+    std::shared_ptr<TurnStream> stream;
+    {
+      absl::MutexLock lock(&mu_);
+      stream = stream_;
+    }
+    if (stream) stream->Detach();
+    delete this;
+  }
+
+ private:
+  void Pump() {
+    absl::MutexLock lock(&mu_);
+    if (writing_ || finished_ || !in_turn_) return;
+    grpc::Status status;
+    switch (stream_->Next(&out_, &status)) {
+      case TurnStream::Action::kNothing:
+        return;
+      case TurnStream::Action::kWriteChunk:
+        writing_ = true;
+        StartWrite(&out_);
+        return;
+      case TurnStream::Action::kWriteFinal:  // the turn is over: answer it, read the next
+        writing_ = true;
+        in_turn_ = false;
+        StartWrite(&out_);
+        if (!closed_) StartRead(&in_);
+        MaybeFinishLocked();
+        return;
+      case TurnStream::Action::kEndWithStatus:
+        in_turn_ = false;
+        FinishLocked(status);
+        return;
+    }
+  }
+  void MaybeFinishLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (closed_ && !in_turn_ && !writing_) FinishLocked(grpc::Status::OK);
+  }
+  void FinishLocked(grpc::Status status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (finished_) return;
+    finished_ = true;
+    if (stream_ && in_turn_) stream_->ClientGone();
+    Finish(std::move(status));
+  }
+
+  engine::Engine* const engine_;
+  const Prepare prepare_;
+  Metrics* const metrics_;
+  absl::Mutex mu_;
+  std::string session_ ABSL_GUARDED_BY(mu_);
+  std::shared_ptr<TurnStream> stream_ ABSL_GUARDED_BY(mu_);
+  bool in_turn_ ABSL_GUARDED_BY(mu_) = false;
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  bool closed_ ABSL_GUARDED_BY(mu_) = false;
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;
+  v1::ChatRequest in_;
+  v1::GenerateResponse out_;
+};
 
 class ExportReactor final : public grpc::ServerWriteReactor<v1::SnapshotChunk> {
  public:
@@ -364,65 +357,89 @@ class ImportReactor final : public grpc::ServerReadReactor<v1::ImportSessionRequ
 RetNetService::RetNetService(engine::Engine* engine, const ApiKeys* keys, ServiceOptions options)
     : engine_(engine), keys_(keys), options_(std::move(options)) {}
 
-grpc::ServerWriteReactor<v1::GenerateResponse>* RetNetService::Generate(
-    grpc::CallbackServerContext* context, const v1::GenerateRequest* request) {
-  auto caller = keys_->Authenticate(*context);
-  auto fail = [&](const absl::Status& s) {
-    auto* r = new GenerateReactor(context, "", false);
-    r->End(ToGrpc(s));
-    return r;
-  };
-  if (!caller.ok()) return fail(caller.status());
+absl::StatusOr<Turn> RetNetService::PrepareTurn(grpc::CallbackServerContext* context,
+                                                const std::string& prefix,
+                                                const v1::GenerateRequest& request,
+                                                const std::string& fixed_session) {
   if (draining_.load())
-    return fail(absl::UnavailableError("server is draining; retry on another replica"));
-  const std::string& prefix = *caller;
-  auto sampling = ConvertSampling(*request, options_.default_max_new_tokens);
-  if (!sampling.ok()) return fail(sampling.status());
-  absl::Status id_check = CheckSessionId(request->session_id(), "session_id");
-  if (!id_check.ok()) return fail(id_check);
-
+    return absl::UnavailableError("server is draining; retry on another replica");
+  ASSIGN_OR_RETURN(engine::SamplingParams sampling,
+                   ConvertSampling(request, options_.default_max_new_tokens));
+  std::string public_id = fixed_session.empty() ? request.session_id() : fixed_session;
+  if (!fixed_session.empty() && !request.session_id().empty() &&
+      request.session_id() != fixed_session) {
+    return absl::InvalidArgumentError(
+        "turn.session_id: a chat stream stays on its first turn's session");
+  }
+  RETURN_IF_ERROR(CheckSessionId(public_id, "session_id"));
   // Resolve or create the session.
-  std::string public_id = request->session_id();
-  bool created = false;
+  Turn turn;
   absl::StatusOr<engine::SessionInfo> info;
   if (public_id.empty()) {
     public_id = RandomId();
     info = engine_->CreateSession(prefix + public_id);
-    created = true;
+    turn.created = true;
   } else {
     info = engine_->GetSession(prefix + public_id);
-    if (absl::IsNotFound(info.status()) && request->create_session()) {
+    if (absl::IsNotFound(info.status()) && request.create_session()) {
       info = engine_->CreateSession(prefix + public_id);
-      created = true;
+      turn.created = true;
     }
   }
-  if (!info.ok()) return fail(info.status());
-
-  engine::GenerateRequest req;
+  if (!info.ok()) return info.status();
+  turn.public_id = public_id;
+  engine::GenerateRequest& req = turn.request;
   req.session_id = prefix + public_id;
-  req.sampling = *std::move(sampling);
+  req.sampling = std::move(sampling);
   const model::Tokenizer& tok = engine_->tokenizer();
   const bool fresh = info->position == 0 && !info->pending_token.has_value();
-  if (fresh && (!request->has_add_bos() || request->add_bos()) && tok.bos_id() >= 0)
+  if (fresh && (!request.has_add_bos() || request.add_bos()) && tok.bos_id() >= 0) {
     req.prompt.push_back(tok.bos_id());
-  if (request->has_text()) {
-    auto ids = tok.Encode(request->text());
+  }
+  if (request.has_text()) {
+    auto ids = tok.Encode(request.text());
     if (!ids.ok()) {
-      if (created) (void)engine_->DeleteSession(req.session_id);
-      return fail(ids.status());
+      if (turn.created) (void)engine_->DeleteSession(req.session_id);
+      return ids.status();
     }
     req.prompt.insert(req.prompt.end(), ids->begin(), ids->end());
-  } else if (request->has_tokens()) {
-    req.prompt.insert(req.prompt.end(), request->tokens().ids().begin(),
-                      request->tokens().ids().end());
+  } else if (request.has_tokens()) {
+    req.prompt.insert(req.prompt.end(), request.tokens().ids().begin(),
+                      request.tokens().ids().end());
   }
   if (context->deadline() != std::chrono::system_clock::time_point::max()) {
     req.deadline = absl::FromChrono(context->deadline());
   }
-  auto* reactor = new GenerateReactor(context, public_id, created);
-  reactor->set_state_bytes(engine_->model_state_bytes());
-  reactor->Start(engine_, std::move(req));
-  return reactor;
+  return turn;
+}
+
+grpc::ServerWriteReactor<v1::GenerateResponse>* RetNetService::Generate(
+    grpc::CallbackServerContext* context, const v1::GenerateRequest* request) {
+  auto caller = keys_->Authenticate(*context);
+  if (!caller.ok()) return new GenerateReactor(caller.status(), options_.metrics);
+  auto turn = PrepareTurn(context, *caller, *request, "");
+  if (!turn.ok()) return new GenerateReactor(turn.status(), options_.metrics);
+  return new GenerateReactor(engine_, *std::move(turn), options_.metrics);
+}
+
+grpc::ServerBidiReactor<v1::ChatRequest, v1::GenerateResponse>* RetNetService::Chat(
+    grpc::CallbackServerContext* context) {
+  auto caller = keys_->Authenticate(*context);
+  if (!caller.ok()) {
+    class Failed final : public grpc::ServerBidiReactor<v1::ChatRequest, v1::GenerateResponse> {
+     public:
+      explicit Failed(const absl::Status& s) { Finish(ToGrpc(s)); }
+      void OnDone() override { delete this; }
+    };
+    return new Failed(caller.status());
+  }
+  const std::string prefix = *caller;
+  return new ChatReactor(
+      engine_,
+      [this, context, prefix](const v1::GenerateRequest& turn, const std::string& session) {
+        return PrepareTurn(context, prefix, turn, session);
+      },
+      options_.metrics);
 }
 
 grpc::ServerUnaryReactor* RetNetService::CreateSession(grpc::CallbackServerContext* context,

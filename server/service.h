@@ -17,8 +17,16 @@
 #include "engine/engine.h"
 #include "retnet/v1/retnet.grpc.pb.h"
 #include "server/auth.h"
+#include "server/metrics.h"
 
 namespace retnet::server {
+
+// A validated turn, ready for the engine.
+struct Turn {
+  engine::GenerateRequest request;
+  std::string public_id;
+  bool created = false;
+};
 
 struct ServiceOptions {
   std::string checkpoint;     // reported by GetModelInfo
@@ -26,6 +34,7 @@ struct ServiceOptions {
   int64_t default_max_new_tokens = 256;
   int64_t snapshot_chunk_bytes = 1 << 20;
   int64_t max_snapshot_bytes = int64_t{4} << 30;
+  Metrics* metrics = nullptr;  // not owned; may be null
 };
 
 class RetNetService final : public retnet::v1::RetNet::CallbackService {
@@ -37,6 +46,8 @@ class RetNetService final : public retnet::v1::RetNet::CallbackService {
 
   grpc::ServerWriteReactor<retnet::v1::GenerateResponse>* Generate(
       grpc::CallbackServerContext* context, const retnet::v1::GenerateRequest* request) override;
+  grpc::ServerBidiReactor<retnet::v1::ChatRequest, retnet::v1::GenerateResponse>* Chat(
+      grpc::CallbackServerContext* context) override;
   grpc::ServerUnaryReactor* CreateSession(grpc::CallbackServerContext* context,
                                           const retnet::v1::CreateSessionRequest* request,
                                           retnet::v1::Session* response) override;
@@ -68,6 +79,11 @@ class RetNetService final : public retnet::v1::RetNet::CallbackService {
                                          retnet::v1::ModelInfo* response) override;
 
  private:
+  // Validates a turn and resolves (or creates) its session; `fixed_session` pins a chat stream.
+  absl::StatusOr<Turn> PrepareTurn(grpc::CallbackServerContext* context, const std::string& prefix,
+                                   const retnet::v1::GenerateRequest& request,
+                                   const std::string& fixed_session);
+
   engine::Engine* const engine_;
   const ApiKeys* const keys_;
   const ServiceOptions options_;

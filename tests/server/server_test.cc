@@ -5,13 +5,17 @@
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
+#include <httplib.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <fstream>
+#include <map>
 #include <memory>
+#include <regex>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -206,6 +210,35 @@ TEST_F(ServerTest, ConcurrentClientsOnDifferentSessions) {
   }
 }
 
+TEST_F(ServerTest, ChatStreamsTurnsOnOneSessionLikeGenerate) {
+  grpc::ClientContext ctx;
+  client_->Prepare(&ctx);
+  auto stream = client_->stub()->Chat(&ctx);
+  std::vector<std::vector<int64_t>> turns;
+  for (const auto& [text, n] :
+       std::vector<std::pair<std::string, int>>{{"Behold", 10}, {" and lo", 8}}) {
+    v1::ChatRequest req;
+    *req.mutable_turn() = Greedy(turns.empty() ? "chat" : "", text, n);
+    ASSERT_TRUE(stream->Write(req));
+    std::vector<int64_t> tokens;
+    v1::GenerateResponse msg;
+    while (stream->Read(&msg)) {
+      if (msg.has_final()) {
+        EXPECT_EQ(msg.final().session_id(), "chat");
+        break;
+      }
+      for (const auto& t : msg.chunk().tokens()) tokens.push_back(t.id());
+    }
+    turns.push_back(tokens);
+  }
+  stream->WritesDone();
+  EXPECT_TRUE(stream->Finish().ok());
+  // The same turns through Generate on another session.
+  EXPECT_EQ(client_->Generate(Greedy("gen", "Behold", 10)).tokens, turns[0]);
+  EXPECT_EQ(client_->Generate(Greedy("gen", " and lo", 8)).tokens, turns[1]);
+  EXPECT_EQ(client_->Get("chat")->position(), client_->Get("gen")->position());
+}
+
 TEST_F(ServerTest, SessionManagementRpcs) {
   grpc::ClientContext c1;
   client_->Prepare(&c1);
@@ -385,6 +418,56 @@ TEST(ServerAuthTest, KeysAuthenticateAndSessionsArePrivate) {
   v1::ListSessionsResponse list;
   ASSERT_TRUE(beta.stub()->ListSessions(&ctx, v1::ListSessionsRequest(), &list).ok());
   EXPECT_EQ(list.sessions_size(), 0);
+}
+
+// Parses Prometheus text exposition: every sample line is `name{labels} value`; returns the
+// samples by "name{labels}".
+std::map<std::string, double> ParsePrometheus(const std::string& text) {
+  static const std::regex kSample(
+      R"(^([a-zA-Z_:][a-zA-Z0-9_:]*(\{[^}]*\})?) (-?[0-9.e+]+|\+Inf|NaN)$)");
+  std::map<std::string, double> out;
+  std::istringstream in(text);
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.empty()) continue;
+    if (line.rfind("# HELP ", 0) == 0 || line.rfind("# TYPE ", 0) == 0) continue;
+    std::smatch m;
+    EXPECT_TRUE(std::regex_match(line, m, kSample)) << "not a Prometheus sample: " << line;
+    if (m.size() > 3) out[m[1]] = std::stod(m[3]);
+  }
+  return out;
+}
+
+TEST(ServerMetricsTest, MetricsParseAndCountersMove) {
+  ServerOptions o = LocalOptions();
+  o.metrics_listen = "127.0.0.1:0";
+  auto server = Server::Start(o);
+  ASSERT_TRUE(server.ok()) << server.status();
+  ASSERT_GT((*server)->metrics_port(), 0);
+  httplib::Client http("127.0.0.1", (*server)->metrics_port());
+  auto before = http.Get("/metrics");
+  ASSERT_TRUE(before && before->status == 200);
+  auto m0 = ParsePrometheus(before->body);
+  EXPECT_EQ(m0["retnet_generation_tokens_total"], 0);
+  Client c((*server)->port());
+  ASSERT_TRUE(c.Generate(Greedy("m", "Praise", 25)).status.ok());
+  v1::GenerateRequest bad = Greedy("m2", "x", 3);
+  bad.mutable_sampling()->set_top_p(2);
+  EXPECT_FALSE(c.Generate(bad).status.ok());
+  auto after = http.Get("/metrics");
+  ASSERT_TRUE(after && after->status == 200);
+  auto m1 = ParsePrometheus(after->body);
+  EXPECT_EQ(m1["retnet_generation_tokens_total"], 25);
+  EXPECT_EQ(m1["retnet_time_to_first_token_seconds_count"], 1);
+  EXPECT_EQ(m1["retnet_inter_token_latency_seconds_count"], 24);
+  EXPECT_EQ(m1["retnet_e2e_request_latency_seconds_count"], 1);
+  EXPECT_EQ(m1["retnet_requests_total{code=\"OK\"}"], 1);
+  EXPECT_EQ(m1["retnet_requests_total{code=\"INVALID_ARGUMENT\"}"], 1);
+  EXPECT_EQ(m1["retnet_sessions_resident"], 1);
+  EXPECT_EQ(m1["retnet_state_bytes_resident"], m1["retnet_state_bytes_per_session"]);
+  auto health = http.Get("/healthz");
+  ASSERT_TRUE(health);
+  EXPECT_EQ(health->status, 200);
 }
 
 // grpc.health.v1.Health/Check through the generic stub (Debian ships no health stubs):

@@ -1,0 +1,124 @@
+#include "server/metrics.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+
+namespace retnet::server {
+
+const char* StatusCodeName(int code) {
+  static constexpr const char* kNames[] = {"OK",
+                                           "CANCELLED",
+                                           "UNKNOWN",
+                                           "INVALID_ARGUMENT",
+                                           "DEADLINE_EXCEEDED",
+                                           "NOT_FOUND",
+                                           "ALREADY_EXISTS",
+                                           "PERMISSION_DENIED",
+                                           "RESOURCE_EXHAUSTED",
+                                           "FAILED_PRECONDITION",
+                                           "ABORTED",
+                                           "OUT_OF_RANGE",
+                                           "UNIMPLEMENTED",
+                                           "INTERNAL",
+                                           "UNAVAILABLE",
+                                           "DATA_LOSS",
+                                           "UNAUTHENTICATED"};
+  return code >= 0 && code <= 16 ? kNames[code] : "UNKNOWN";
+}
+
+void Metrics::Histogram::Observe(double v) {
+  const size_t i = std::lower_bound(bounds.begin(), bounds.end(), v) - bounds.begin();
+  ++counts[i];
+  sum += v;
+  ++count;
+}
+
+Metrics::Metrics() {
+  const std::vector<double> latency = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                                       0.5,   1,      2.5,   5,    10,    30,   60,  120};
+  for (Histogram* h : {&ttft_, &itl_, &e2e_}) {
+    h->bounds = latency;
+    h->counts.assign(latency.size() + 1, 0);
+  }
+}
+
+void Metrics::ObserveTimeToFirstToken(double s) {
+  absl::MutexLock lock(&mu_);
+  ttft_.Observe(s);
+}
+void Metrics::ObserveInterTokenLatency(double s) {
+  absl::MutexLock lock(&mu_);
+  itl_.Observe(s);
+}
+void Metrics::ObserveRequestLatency(double s) {
+  absl::MutexLock lock(&mu_);
+  e2e_.Observe(s);
+}
+void Metrics::AddGeneratedTokens(int64_t n) {
+  absl::MutexLock lock(&mu_);
+  generated_ += static_cast<uint64_t>(n);
+}
+void Metrics::AddPromptTokens(int64_t n) {
+  absl::MutexLock lock(&mu_);
+  prompt_ += static_cast<uint64_t>(n);
+}
+void Metrics::CountRequest(const std::string& code) {
+  absl::MutexLock lock(&mu_);
+  ++requests_[code];
+}
+
+void Metrics::RenderHistogram(std::string& out, const std::string& name, const std::string& help,
+                              const Histogram& h) {
+  absl::StrAppend(&out, "# HELP ", name, " ", help, "\n# TYPE ", name, " histogram\n");
+  uint64_t cumulative = 0;
+  for (size_t i = 0; i < h.bounds.size(); ++i) {
+    cumulative += h.counts[i];
+    absl::StrAppend(&out, name, "_bucket{le=\"", absl::StrFormat("%g", h.bounds[i]), "\"} ",
+                    cumulative, "\n");
+  }
+  absl::StrAppend(&out, name, "_bucket{le=\"+Inf\"} ", h.count, "\n");
+  absl::StrAppend(&out, name, "_sum ", absl::StrFormat("%.9g", h.sum), "\n", name, "_count ",
+                  h.count, "\n");
+}
+
+std::string Metrics::Render(const engine::PoolStats& s) const {
+  std::string out;
+  auto gauge = [&](const std::string& name, const std::string& help, double v) {
+    absl::StrAppend(&out, "# HELP ", name, " ", help, "\n# TYPE ", name, " gauge\n", name, " ",
+                    absl::StrFormat("%.17g", v), "\n");
+  };
+  gauge("retnet_num_requests_running", "Generations decoding in the batch.", s.decoding);
+  gauge("retnet_num_requests_waiting", "Generations waiting for admission.", s.queued);
+  gauge("retnet_sessions_resident", "Sessions whose state is on the device.",
+        s.sessions - s.spilled);
+  gauge("retnet_sessions_spilled", "Idle sessions whose state is in host memory.", s.spilled);
+  gauge("retnet_state_slots", "Device state slots.", s.device_slots);
+  gauge("retnet_state_slots_free", "Free device state slots.", s.free_slots);
+  gauge("retnet_state_bytes_per_session", "Recurrent state bytes of one session.",
+        s.state_bytes_per_session);
+  gauge("retnet_state_bytes_resident", "State bytes of the resident sessions.",
+        static_cast<double>(s.sessions - s.spilled) * s.state_bytes_per_session);
+  absl::MutexLock lock(&mu_);
+  RenderHistogram(out, "retnet_time_to_first_token_seconds",
+                  "Time from request arrival to its first token.", ttft_);
+  RenderHistogram(out, "retnet_inter_token_latency_seconds",
+                  "Time between consecutive tokens of a stream.", itl_);
+  RenderHistogram(out, "retnet_e2e_request_latency_seconds",
+                  "Time from request arrival to its end.", e2e_);
+  absl::StrAppend(&out, "# HELP retnet_generation_tokens_total Tokens generated.\n",
+                  "# TYPE retnet_generation_tokens_total counter\nretnet_generation_tokens_total ",
+                  generated_, "\n");
+  absl::StrAppend(&out, "# HELP retnet_prompt_tokens_total Prompt tokens prefilled.\n",
+                  "# TYPE retnet_prompt_tokens_total counter\nretnet_prompt_tokens_total ", prompt_,
+                  "\n");
+  absl::StrAppend(
+      &out, "# HELP retnet_requests_total Generate and Chat turns by final gRPC status code.\n",
+      "# TYPE retnet_requests_total counter\n");
+  for (const auto& [code, n] : requests_)
+    absl::StrAppend(&out, "retnet_requests_total{code=\"", code, "\"} ", n, "\n");
+  return out;
+}
+
+}  // namespace retnet::server

@@ -1,0 +1,191 @@
+// File: server/turn_stream.h
+//
+// One turn's output on its way from the engine thread to a gRPC stream. The engine calls the
+// TokenSink methods; the owning reactor calls Next() whenever no write is in flight. Tokens that
+// arrive while a write is in flight accumulate and leave as ONE merged TokenChunk, so a slow
+// reader gets fewer, larger messages and never slows the engine. The turn ends with a Final
+// message (finish reason, usage, timings) or an error status.
+//
+// Threading: the sink methods run on the engine thread, the others on gRPC threads. The wake
+// callback (the reactor's Pump) is called without the data lock held, under a separate lock that
+// Detach() also takes, so a detached reactor is never called again.
+#ifndef RETNET_SERVER_TURN_STREAM_H_
+#define RETNET_SERVER_TURN_STREAM_H_
+
+#include <grpcpp/support/status.h>
+
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
+#include "engine/engine.h"
+#include "retnet/v1/retnet.pb.h"
+#include "server/metrics.h"
+#include "server/status.h"
+
+namespace retnet::server {
+
+retnet::v1::FinishReason ToProto(engine::FinishReason r);
+
+// One turn's output on its way from the engine thread to a stream: tokens accumulate while a
+// write is in flight and leave as one merged TokenChunk; the turn ends with a Final message or
+// an error status. Not a reactor itself: the Generate and Chat reactors drive it.
+class TurnStream : public engine::TokenSink {
+ public:
+  // What the reactor must do next (computed under the lock, done outside it).
+  enum class Action { kNothing, kWriteChunk, kWriteFinal, kEndWithStatus };
+
+  // `metrics` (may be null, not owned) receives this turn's latencies, tokens and status.
+  TurnStream(std::string session_id, int64_t state_bytes, Metrics* metrics = nullptr)
+      : session_id_(std::move(session_id)), state_bytes_(state_bytes), metrics_(metrics) {}
+
+  // Wakes the owning reactor; set once, cleared (under the lock) when the reactor is done.
+  void Attach(std::function<void()> wake) {
+    absl::MutexLock lock(&wake_mu_);
+    wake_ = std::move(wake);
+  }
+  // After Detach() returns, the reactor is never called again.
+  void Detach() {
+    absl::MutexLock lock(&wake_mu_);
+    wake_ = nullptr;
+  }
+  void SetGeneration(std::shared_ptr<engine::Generation> g) {
+    absl::MutexLock lock(&mu_);
+    generation_ = std::move(g);
+    if (client_gone_) generation_->Cancel();
+  }
+  void ClientGone() {
+    absl::MutexLock lock(&mu_);
+    client_gone_ = true;
+    if (generation_) generation_->Cancel();
+  }
+  void Fail(grpc::Status status) {
+    absl::MutexLock lock(&mu_);
+    if (metrics_ != nullptr) metrics_->CountRequest(StatusCodeName(status.error_code()));
+    end_status_ = std::move(status);
+    ended_ = true;
+  }
+
+  void OnToken(engine::TokenEvent e) override {
+    Record(std::move(e));
+    Wake();
+  }
+  void OnFinish(engine::Finish f) override {
+    End(std::move(f));
+    Wake();
+  }
+
+ private:
+  // The reactor's Pump takes its own lock and then mu_, so it is called with mu_ released; the
+  // separate wake_mu_ keeps the reactor alive during the call.
+  void Wake() {
+    absl::MutexLock lock(&wake_mu_);
+    if (wake_) wake_();
+  }
+
+  void Record(engine::TokenEvent e) {
+    absl::MutexLock lock(&mu_);
+    const absl::Time now = absl::Now();
+    if (!first_token_) {
+      first_token_ = now;
+      if (metrics_ != nullptr)
+        metrics_->ObserveTimeToFirstToken(absl::ToDoubleSeconds(now - arrival_));
+    } else if (metrics_ != nullptr) {
+      metrics_->ObserveInterTokenLatency(absl::ToDoubleSeconds(now - last_token_));
+    }
+    last_token_ = now;
+    retnet::v1::Token* t = pending_.add_tokens();
+    t->set_id(e.token);
+    t->set_text(std::move(e.text));
+    if (e.logprob != 0 || !e.top_logprobs.empty()) t->set_logprob(e.logprob);
+    for (const auto& [id, lp] : e.top_logprobs) {
+      auto* top = t->add_top_logprobs();
+      top->set_id(id);
+      top->set_logprob(lp);
+    }
+  }
+
+  void End(engine::Finish f) {
+    absl::MutexLock lock(&mu_);
+    if (f.reason == engine::FinishReason::kError) {
+      end_status_ = ToGrpc(f.status);
+    } else if (client_gone_) {
+      end_status_ = grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the client");
+    } else if (f.reason == engine::FinishReason::kDeadline) {
+      end_status_ =
+          grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
+                       absl::StrCat("deadline exceeded after ", f.completion_tokens, " tokens"));
+    } else {
+      final_.emplace();
+      retnet::v1::Final* fin = final_->mutable_final();
+      fin->set_finish_reason(ToProto(f.reason));
+      fin->set_text(f.text);
+      fin->set_stop_sequence(f.stop_string);
+      fin->set_session_id(session_id_);
+      auto* usage = fin->mutable_usage();
+      usage->set_prompt_tokens(f.prompt_tokens);
+      usage->set_completion_tokens(f.completion_tokens);
+      usage->set_session_tokens_total(f.position + (f.completion_tokens > 0 ? 1 : 0));
+      usage->set_state_bytes(state_bytes_);
+      fin->mutable_timings()->set_first_token_ns(
+          first_token_ ? absl::ToInt64Nanoseconds(*first_token_ - arrival_) : 0);
+      fin->mutable_timings()->set_total_ns(absl::ToInt64Nanoseconds(absl::Now() - arrival_));
+      end_status_ = grpc::Status::OK;
+    }
+    ended_ = true;
+    if (metrics_ != nullptr) {
+      metrics_->AddGeneratedTokens(f.completion_tokens);
+      metrics_->AddPromptTokens(f.prompt_tokens);
+      metrics_->ObserveRequestLatency(absl::ToDoubleSeconds(absl::Now() - arrival_));
+      metrics_->CountRequest(StatusCodeName(end_status_.error_code()));
+    }
+  }
+
+ public:
+  // Called by the reactor when no write is in flight. Fills `out` for kWriteChunk/kWriteFinal,
+  // `status` for kEndWithStatus. After kWriteFinal or kEndWithStatus the turn is over.
+  Action Next(retnet::v1::GenerateResponse* out, grpc::Status* status) {
+    absl::MutexLock lock(&mu_);
+    if (over_) return Action::kNothing;
+    if (pending_.tokens_size() > 0 && !client_gone_) {
+      *out->mutable_chunk() = std::move(pending_);
+      pending_.Clear();
+      return Action::kWriteChunk;
+    }
+    if (!ended_) return Action::kNothing;
+    over_ = true;
+    if (final_ && !client_gone_) {
+      *out = std::move(*final_);
+      return Action::kWriteFinal;
+    }
+    *status =
+        end_status_.ok() ? grpc::Status(grpc::StatusCode::CANCELLED, "cancelled") : end_status_;
+    return Action::kEndWithStatus;
+  }
+
+ private:
+  const std::string session_id_;
+  const int64_t state_bytes_;
+  Metrics* const metrics_;
+  const absl::Time arrival_ = absl::Now();
+  absl::Time last_token_;
+  absl::Mutex wake_mu_;
+  std::function<void()> wake_ ABSL_GUARDED_BY(wake_mu_);
+  absl::Mutex mu_;
+  std::shared_ptr<engine::Generation> generation_ ABSL_GUARDED_BY(mu_);
+  retnet::v1::TokenChunk pending_ ABSL_GUARDED_BY(mu_);
+  std::optional<retnet::v1::GenerateResponse> final_ ABSL_GUARDED_BY(mu_);
+  std::optional<absl::Time> first_token_ ABSL_GUARDED_BY(mu_);
+  grpc::Status end_status_ ABSL_GUARDED_BY(mu_);
+  bool ended_ ABSL_GUARDED_BY(mu_) = false;
+  bool over_ ABSL_GUARDED_BY(mu_) = false;
+  bool client_gone_ ABSL_GUARDED_BY(mu_) = false;
+};
+
+}  // namespace retnet::server
+
+#endif  // RETNET_SERVER_TURN_STREAM_H_
