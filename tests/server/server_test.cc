@@ -471,6 +471,37 @@ TEST(ServerMetricsTest, MetricsParseAndCountersMove) {
   EXPECT_EQ(health->status, 200);
 }
 
+TEST(ServerTlsTest, TlsClientsConnectAndPlaintextClientsDoNot) {
+  const std::string dir = TempDir("tls");
+  const std::string cmd =
+      "openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=localhost "
+      "-addext subjectAltName=DNS:localhost,IP:127.0.0.1 -keyout " +
+      dir + "/key.pem -out " + dir + "/cert.pem 2>/dev/null";
+  ASSERT_EQ(std::system(cmd.c_str()), 0) << "openssl could not make a test certificate";
+  ServerOptions o = LocalOptions();
+  o.tls_cert = dir + "/cert.pem";
+  o.tls_key = dir + "/key.pem";
+  auto server = Server::Start(o);
+  ASSERT_TRUE(server.ok()) << server.status();
+  std::ifstream in(dir + "/cert.pem");
+  std::string cert((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  grpc::SslCredentialsOptions ssl;
+  ssl.pem_root_certs = cert;
+  grpc::ChannelArguments args;
+  args.SetSslTargetNameOverride("localhost");
+  auto secure = v1::RetNet::NewStub(grpc::CreateCustomChannel(
+      absl::StrCat("127.0.0.1:", (*server)->port()), grpc::SslCredentials(ssl), args));
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  v1::ModelInfo info;
+  ASSERT_TRUE(secure->GetModelInfo(&ctx, v1::GetModelInfoRequest(), &info).ok());
+  EXPECT_EQ(info.vocab_size(), 258);
+  Client plain((*server)->port());
+  grpc::ClientContext ctx2;
+  plain.Prepare(&ctx2, absl::Seconds(5));
+  EXPECT_FALSE(plain.stub()->GetModelInfo(&ctx2, v1::GetModelInfoRequest(), &info).ok());
+}
+
 // grpc.health.v1.Health/Check through the generic stub (Debian ships no health stubs):
 // the request {service: ""} is empty on the wire; SERVING is field 1 = 1, i.e. bytes 08 01.
 int HealthStatus(int port) {
