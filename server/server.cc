@@ -193,6 +193,40 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   if (options.tls_cert.empty() != options.tls_key.empty()) {
     return absl::InvalidArgumentError("tls: give both --tls-cert and --tls-key, or neither");
   }
+  ServiceOptions so;
+  so.checkpoint = impl->checkpoint;
+  so.device = options.device;
+  so.dtype = options.dtype;
+  so.snapshot_chunk_bytes = options.snapshot_chunk_bytes;
+  so.metrics = &impl->metrics;
+  so.default_max_new_tokens = std::min(options.default_max_new_tokens, options.max_new_tokens);
+  impl->service = std::make_unique<RetNetService>(&impl->keys, so);
+
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  std::shared_ptr<grpc::ServerCredentials> creds = grpc::InsecureServerCredentials();
+  if (!options.tls_cert.empty()) {
+    ASSIGN_OR_RETURN(std::string cert, ReadFile(options.tls_cert));
+    ASSIGN_OR_RETURN(std::string key, ReadFile(options.tls_key));
+    grpc::SslServerCredentialsOptions ssl;
+    ssl.pem_key_cert_pairs.push_back({key, cert});
+    creds = grpc::SslServerCredentials(ssl);
+  }
+  builder.AddListeningPort(options.listen, creds, &impl->port);
+  builder.RegisterService(impl->service.get());
+  builder.SetMaxReceiveMessageSize(static_cast<int>(options.max_message_bytes));
+  builder.SetMaxSendMessageSize(static_cast<int>(options.max_message_bytes));
+  impl->grpc_server = builder.BuildAndStart();
+  if (impl->grpc_server == nullptr || impl->port == 0) {
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", options.listen));
+  }
+  // Listening already while the model loads: health says NOT_SERVING, RPCs get UNAVAILABLE.
+  auto* health = impl->grpc_server->GetHealthCheckService();
+  health->SetServingStatus(false);
+  health->SetServingStatus("retnet.v1.RetNet", false);
+  if (options.on_listening) options.on_listening(impl->port);
+
   model::ModelOptions model_options;
   ASSIGN_OR_RETURN(model_options.device, model::ParseDevice(options.device));
   ASSIGN_OR_RETURN(model_options.dtype, model::ParseDtype(options.dtype));
@@ -220,35 +254,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
     if (n > 0) spdlog::info("restored {} sessions from {}", n, options.state_dir);
   }
 
-  ServiceOptions so;
-  so.checkpoint = impl->checkpoint;
-  so.device = options.device;
-  so.dtype = options.dtype;
-  so.snapshot_chunk_bytes = options.snapshot_chunk_bytes;
-  so.metrics = &impl->metrics;
-  so.default_max_new_tokens = std::min(options.default_max_new_tokens, options.max_new_tokens);
-  impl->service = std::make_unique<RetNetService>(impl->engine.get(), &impl->keys, so);
-
-  grpc::EnableDefaultHealthCheckService(true);
-  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
-  grpc::ServerBuilder builder;
-  std::shared_ptr<grpc::ServerCredentials> creds = grpc::InsecureServerCredentials();
-  if (!options.tls_cert.empty()) {
-    ASSIGN_OR_RETURN(std::string cert, ReadFile(options.tls_cert));
-    ASSIGN_OR_RETURN(std::string key, ReadFile(options.tls_key));
-    grpc::SslServerCredentialsOptions ssl;
-    ssl.pem_key_cert_pairs.push_back({key, cert});
-    creds = grpc::SslServerCredentials(ssl);
-  }
-  builder.AddListeningPort(options.listen, creds, &impl->port);
-  builder.RegisterService(impl->service.get());
-  builder.SetMaxReceiveMessageSize(static_cast<int>(options.max_message_bytes));
-  builder.SetMaxSendMessageSize(static_cast<int>(options.max_message_bytes));
-  impl->grpc_server = builder.BuildAndStart();
-  if (impl->grpc_server == nullptr || impl->port == 0) {
-    return absl::UnavailableError(absl::StrCat("cannot listen on ", options.listen));
-  }
-  auto* health = impl->grpc_server->GetHealthCheckService();
+  impl->service->SetEngine(impl->engine.get());
   health->SetServingStatus(true);
   health->SetServingStatus("retnet.v1.RetNet", true);
 

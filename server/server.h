@@ -14,6 +14,7 @@
 #ifndef RETNET_SERVER_SERVER_H_
 #define RETNET_SERVER_SERVER_H_
 
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -43,6 +44,8 @@ struct ServerOptions {
   int64_t snapshot_chunk_bytes = 1 << 20;  // ExportSession message size
   // Prometheus /metrics and /healthz over HTTP ("host:port", port 0 = any; empty = off).
   std::string metrics_listen;
+  // Called once the gRPC port is bound and before the model is loaded (health NOT_SERVING).
+  std::function<void(int port)> on_listening;
 };
 
 class Server {

@@ -354,8 +354,20 @@ class ImportReactor final : public grpc::ServerReadReactor<v1::ImportSessionRequ
 
 }  // namespace
 
-RetNetService::RetNetService(engine::Engine* engine, const ApiKeys* keys, ServiceOptions options)
-    : engine_(engine), keys_(keys), options_(std::move(options)) {}
+RetNetService::RetNetService(const ApiKeys* keys, ServiceOptions options)
+    : keys_(keys), options_(std::move(options)) {}
+
+void RetNetService::SetEngine(engine::Engine* engine) {
+  engine_ = engine;
+  ready_.store(true, std::memory_order_release);
+}
+
+absl::StatusOr<std::string> RetNetService::Admit(const grpc::ServerContextBase& context) const {
+  if (!ready_.load(std::memory_order_acquire)) {
+    return absl::UnavailableError("server is loading the model; retry shortly");
+  }
+  return keys_->Authenticate(context);
+}
 
 absl::StatusOr<Turn> RetNetService::PrepareTurn(grpc::CallbackServerContext* context,
                                                 const std::string& prefix,
@@ -415,7 +427,7 @@ absl::StatusOr<Turn> RetNetService::PrepareTurn(grpc::CallbackServerContext* con
 
 grpc::ServerWriteReactor<v1::GenerateResponse>* RetNetService::Generate(
     grpc::CallbackServerContext* context, const v1::GenerateRequest* request) {
-  auto caller = keys_->Authenticate(*context);
+  auto caller = Admit(*context);
   if (!caller.ok()) return new GenerateReactor(caller.status(), options_.metrics);
   auto turn = PrepareTurn(context, *caller, *request, "");
   if (!turn.ok()) return new GenerateReactor(turn.status(), options_.metrics);
@@ -424,7 +436,7 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* RetNetService::Generate(
 
 grpc::ServerBidiReactor<v1::ChatRequest, v1::GenerateResponse>* RetNetService::Chat(
     grpc::CallbackServerContext* context) {
-  auto caller = keys_->Authenticate(*context);
+  auto caller = Admit(*context);
   if (!caller.ok()) {
     class Failed final : public grpc::ServerBidiReactor<v1::ChatRequest, v1::GenerateResponse> {
      public:
@@ -445,7 +457,7 @@ grpc::ServerBidiReactor<v1::ChatRequest, v1::GenerateResponse>* RetNetService::C
 grpc::ServerUnaryReactor* RetNetService::CreateSession(grpc::CallbackServerContext* context,
                                                        const v1::CreateSessionRequest* request,
                                                        v1::Session* response) {
-  auto caller = keys_->Authenticate(*context);
+  auto caller = Admit(*context);
   if (!caller.ok()) return Reply(context, caller.status());
   if (draining_.load()) return Reply(context, absl::UnavailableError("server is draining"));
   absl::Status check = CheckSessionId(request->session_id(), "session_id");
@@ -459,7 +471,7 @@ grpc::ServerUnaryReactor* RetNetService::CreateSession(grpc::CallbackServerConte
 grpc::ServerUnaryReactor* RetNetService::GetSession(grpc::CallbackServerContext* context,
                                                     const v1::GetSessionRequest* request,
                                                     v1::Session* response) {
-  auto caller = keys_->Authenticate(*context);
+  auto caller = Admit(*context);
   if (!caller.ok()) return Reply(context, caller.status());
   auto info = engine_->GetSession(*caller + request->session_id());
   if (info.ok()) ToProto(*info, *caller, response);
@@ -469,7 +481,7 @@ grpc::ServerUnaryReactor* RetNetService::GetSession(grpc::CallbackServerContext*
 grpc::ServerUnaryReactor* RetNetService::ListSessions(grpc::CallbackServerContext* context,
                                                       const v1::ListSessionsRequest* request,
                                                       v1::ListSessionsResponse* response) {
-  auto caller = keys_->Authenticate(*context);
+  auto caller = Admit(*context);
   if (!caller.ok()) return Reply(context, caller.status());
   for (const auto& info : engine_->ListSessions(*caller)) {
     // Without keys, the keyed sessions ("k<tag>/...") stay invisible too.
@@ -482,7 +494,7 @@ grpc::ServerUnaryReactor* RetNetService::ListSessions(grpc::CallbackServerContex
 grpc::ServerUnaryReactor* RetNetService::ForkSession(grpc::CallbackServerContext* context,
                                                      const v1::ForkSessionRequest* request,
                                                      v1::Session* response) {
-  auto caller = keys_->Authenticate(*context);
+  auto caller = Admit(*context);
   if (!caller.ok()) return Reply(context, caller.status());
   absl::Status check = CheckSessionId(request->new_session_id(), "new_session_id");
   if (!check.ok()) return Reply(context, check);
@@ -495,14 +507,14 @@ grpc::ServerUnaryReactor* RetNetService::ForkSession(grpc::CallbackServerContext
 grpc::ServerUnaryReactor* RetNetService::DeleteSession(grpc::CallbackServerContext* context,
                                                        const v1::DeleteSessionRequest* request,
                                                        v1::DeleteSessionResponse* response) {
-  auto caller = keys_->Authenticate(*context);
+  auto caller = Admit(*context);
   if (!caller.ok()) return Reply(context, caller.status());
   return Reply(context, engine_->DeleteSession(*caller + request->session_id()));
 }
 
 grpc::ServerWriteReactor<v1::SnapshotChunk>* RetNetService::ExportSession(
     grpc::CallbackServerContext* context, const v1::ExportSessionRequest* request) {
-  auto caller = keys_->Authenticate(*context);
+  auto caller = Admit(*context);
   absl::StatusOr<std::string> snapshot =
       caller.ok() ? engine_->SnapshotSession(*caller + request->session_id()) : caller.status();
   if (!snapshot.ok()) {
@@ -518,7 +530,7 @@ grpc::ServerWriteReactor<v1::SnapshotChunk>* RetNetService::ExportSession(
 
 grpc::ServerReadReactor<v1::ImportSessionRequest>* RetNetService::ImportSession(
     grpc::CallbackServerContext* context, v1::Session* response) {
-  auto caller = keys_->Authenticate(*context);
+  auto caller = Admit(*context);
   if (!caller.ok() || draining_.load()) {
     class Failed final : public grpc::ServerReadReactor<v1::ImportSessionRequest> {
      public:
@@ -533,7 +545,7 @@ grpc::ServerReadReactor<v1::ImportSessionRequest>* RetNetService::ImportSession(
 grpc::ServerUnaryReactor* RetNetService::Tokenize(grpc::CallbackServerContext* context,
                                                   const v1::TokenizeRequest* request,
                                                   v1::TokenizeResponse* response) {
-  auto caller = keys_->Authenticate(*context);
+  auto caller = Admit(*context);
   if (!caller.ok()) return Reply(context, caller.status());
   const model::Tokenizer& tok = engine_->tokenizer();
   auto ids = tok.Encode(request->text());
@@ -546,7 +558,7 @@ grpc::ServerUnaryReactor* RetNetService::Tokenize(grpc::CallbackServerContext* c
 grpc::ServerUnaryReactor* RetNetService::Detokenize(grpc::CallbackServerContext* context,
                                                     const v1::DetokenizeRequest* request,
                                                     v1::DetokenizeResponse* response) {
-  auto caller = keys_->Authenticate(*context);
+  auto caller = Admit(*context);
   if (!caller.ok()) return Reply(context, caller.status());
   const int64_t vocab = engine_->model_vocab_size();
   std::vector<int64_t> ids;
@@ -565,7 +577,7 @@ grpc::ServerUnaryReactor* RetNetService::Detokenize(grpc::CallbackServerContext*
 grpc::ServerUnaryReactor* RetNetService::GetModelInfo(grpc::CallbackServerContext* context,
                                                       const v1::GetModelInfoRequest* request,
                                                       v1::ModelInfo* response) {
-  auto caller = keys_->Authenticate(*context);
+  auto caller = Admit(*context);
   if (!caller.ok()) return Reply(context, caller.status());
   const engine::ModelSummary m = engine_->model_summary();
   const engine::PoolStats stats = engine_->Stats();

@@ -39,7 +39,10 @@ struct ServiceOptions {
 
 class RetNetService final : public retnet::v1::RetNet::CallbackService {
  public:
-  RetNetService(engine::Engine* engine, const ApiKeys* keys, ServiceOptions options);
+  // The service answers UNAVAILABLE ("loading") until SetEngine() is called.
+  RetNetService(const ApiKeys* keys, ServiceOptions options);
+  // Once, when the model is loaded; `engine` must outlive the server.
+  void SetEngine(engine::Engine* engine);
 
   // While draining, new work is refused with UNAVAILABLE.
   void set_draining(bool draining) { draining_.store(draining); }
@@ -84,7 +87,11 @@ class RetNetService final : public retnet::v1::RetNet::CallbackService {
                                    const retnet::v1::GenerateRequest& request,
                                    const std::string& fixed_session);
 
-  engine::Engine* const engine_;
+  // UNAVAILABLE while loading, then the caller's session-id prefix or UNAUTHENTICATED.
+  absl::StatusOr<std::string> Admit(const grpc::ServerContextBase& context) const;
+
+  engine::Engine* engine_ = nullptr;  // written once before ready_ is set
+  std::atomic<bool> ready_{false};
   const ApiKeys* const keys_;
   const ServiceOptions options_;
   std::atomic<bool> draining_{false};

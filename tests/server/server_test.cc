@@ -529,6 +529,22 @@ int HealthStatus(int port) {
   return bytes.size() == 2 && bytes[0] == 0x08 ? bytes[1] : 0;
 }
 
+TEST(ServerLoadingTest, NotServingAndUnavailableWhileTheModelLoads) {
+  ServerOptions o = LocalOptions();
+  int health_while_loading = -1;
+  grpc::StatusCode generate_while_loading = grpc::StatusCode::OK;
+  o.on_listening = [&](int port) {
+    health_while_loading = HealthStatus(port);
+    generate_while_loading = Client(port).Generate(Greedy("early", "hi", 2)).status.error_code();
+  };
+  auto server = Server::Start(o);
+  ASSERT_TRUE(server.ok()) << server.status();
+  EXPECT_EQ(health_while_loading, 2);  // NOT_SERVING
+  EXPECT_EQ(generate_while_loading, grpc::StatusCode::UNAVAILABLE);
+  EXPECT_EQ(HealthStatus((*server)->port()), 1);  // SERVING once loaded
+  EXPECT_TRUE(Client((*server)->port()).Generate(Greedy("later", "hi", 2)).status.ok());
+}
+
 TEST_F(ServerTest, HealthReportsServing) { EXPECT_EQ(HealthStatus(server_->port()), 1); }
 
 // The real binary: SIGTERM drains and saves every session; a restarted server restores them
@@ -621,6 +637,10 @@ TEST(ServerRestartTest, SigtermSavesSessionsAndARestartContinuesBitExactly) {
   EXPECT_EQ(c.Export("keep", &chunks), first_snapshot);  // bit-exact state and sampler
   v1::GenerateRequest next = Greedy("keep", ", and", 20);
   next.set_create_session(false);
+  EXPECT_EQ(c.Generate(next).tokens, continued_before);
+  // The snapshot exported by the first process imports into the second and continues the same.
+  ASSERT_TRUE(c.Import("imported", first_snapshot, 100'000).ok());
+  next.set_session_id("imported");
   EXPECT_EQ(c.Generate(next).tokens, continued_before);
   EXPECT_EQ(p.Terminate(), 0);
 }
