@@ -171,7 +171,7 @@ SessionInfo Engine::Info(const Session& s) const {
 }
 
 // A free slot, spilling the least recently used idle resident session to host if needed.
-absl::StatusOr<int64_t> Engine::AcquireSlot() {
+absl::StatusOr<int64_t> Engine::AcquireSlot(bool swapping_in) {
   for (int64_t i = slots_ - 1; i >= active_; --i) {
     if (slot_owner_[i] == nullptr) return i;
   }
@@ -180,7 +180,7 @@ absl::StatusOr<int64_t> Engine::AcquireSlot() {
     Session* s = slot_owner_[i];
     if (s != nullptr && !s->busy && (lru == nullptr || s->last_used < lru->last_used)) lru = s;
   }
-  if (lru == nullptr || spilled_ >= options_.max_host_sessions) {
+  if (lru == nullptr || spilled_ - (swapping_in ? 1 : 0) >= options_.max_host_sessions) {
     return absl::ResourceExhaustedError(
         absl::StrCat("state pool full: ", slots_, " device slots of ",
                      model_->StateBytesPerSession(), " bytes, ", active_, " decoding, ", spilled_,
@@ -197,7 +197,7 @@ absl::StatusOr<int64_t> Engine::AcquireSlot() {
 
 absl::Status Engine::MakeResident(Session& s) {
   if (s.slot >= 0) return absl::OkStatus();
-  ASSIGN_OR_RETURN(int64_t slot, AcquireSlot());
+  ASSIGN_OR_RETURN(int64_t slot, AcquireSlot(/*swapping_in=*/true));
   c10::InferenceMode guard;
   SlotView(slot).copy_(s.host_state);
   s.host_state = at::Tensor();
@@ -259,6 +259,16 @@ absl::StatusOr<Engine::Session*> Engine::NewSession(const std::string& requested
 }
 
 absl::StatusOr<SessionInfo> Engine::CreateSession(const std::string& id) {
+  // Tensor copies can throw (device memory): report them instead of unwinding into gRPC.
+  try {
+    return CreateSessionImpl(id);
+  } catch (const std::exception& e) {
+    const std::string what = e.what();
+    return absl::InternalError(absl::StrCat("CreateSession: ", what.substr(0, what.find('\n'))));
+  }
+}
+
+absl::StatusOr<SessionInfo> Engine::CreateSessionImpl(const std::string& id) {
   absl::MutexLock lock(&mu_);
   ASSIGN_OR_RETURN(Session * s, NewSession(id));
   return Info(*s);
@@ -302,6 +312,17 @@ absl::Status Engine::DeleteSession(const std::string& id) {
 
 absl::StatusOr<SessionInfo> Engine::ForkSession(const std::string& source,
                                                 const std::string& new_id) {
+  // Tensor copies can throw (device memory): report them instead of unwinding into gRPC.
+  try {
+    return ForkSessionImpl(source, new_id);
+  } catch (const std::exception& e) {
+    const std::string what = e.what();
+    return absl::InternalError(absl::StrCat("ForkSession: ", what.substr(0, what.find('\n'))));
+  }
+}
+
+absl::StatusOr<SessionInfo> Engine::ForkSessionImpl(const std::string& source,
+                                                    const std::string& new_id) {
   absl::MutexLock lock(&mu_);
   auto it = sessions_.find(source);
   if (it == sessions_.end())
@@ -309,6 +330,7 @@ absl::StatusOr<SessionInfo> Engine::ForkSession(const std::string& source,
   Session* src = it->second.get();
   if (src->busy)
     return absl::FailedPreconditionError(absl::StrCat("session '", source, "' is generating"));
+  if (src->broken) return absl::DataLossError(absl::StrCat("session '", source, "': state lost"));
   ASSIGN_OR_RETURN(Session * dst, NewSession(new_id));  // may spill others, never the busy ones
   c10::InferenceMode guard;
   SlotView(dst->slot).copy_(src->slot >= 0 ? SlotView(src->slot) : src->host_state);
@@ -322,6 +344,16 @@ absl::StatusOr<SessionInfo> Engine::ForkSession(const std::string& source,
 }
 
 absl::StatusOr<std::string> Engine::SnapshotSession(const std::string& id) {
+  // Tensor copies can throw (device memory): report them instead of unwinding into gRPC.
+  try {
+    return SnapshotSessionImpl(id);
+  } catch (const std::exception& e) {
+    const std::string what = e.what();
+    return absl::InternalError(absl::StrCat("SnapshotSession: ", what.substr(0, what.find('\n'))));
+  }
+}
+
+absl::StatusOr<std::string> Engine::SnapshotSessionImpl(const std::string& id) {
   absl::MutexLock lock(&mu_);
   auto it = sessions_.find(id);
   if (it == sessions_.end())
@@ -330,6 +362,7 @@ absl::StatusOr<std::string> Engine::SnapshotSession(const std::string& id) {
   if (s.busy)
     return absl::FailedPreconditionError(absl::StrCat("session '", id, "' is generating"));
   c10::InferenceMode guard;
+  if (s.broken) return absl::DataLossError(absl::StrCat("session '", id, "': state lost"));
   at::Tensor state = (s.slot >= 0 ? SlotView(s.slot) : s.host_state).to(at::kCPU).contiguous();
   const model::ModelConfig& c = model_->config();
   SnapshotData d;
@@ -349,6 +382,17 @@ absl::StatusOr<std::string> Engine::SnapshotSession(const std::string& id) {
 
 absl::StatusOr<SessionInfo> Engine::RestoreSession(const std::string& snapshot,
                                                    const std::string& new_id) {
+  // Tensor copies can throw (device memory): report them instead of unwinding into gRPC.
+  try {
+    return RestoreSessionImpl(snapshot, new_id);
+  } catch (const std::exception& e) {
+    const std::string what = e.what();
+    return absl::InternalError(absl::StrCat("RestoreSession: ", what.substr(0, what.find('\n'))));
+  }
+}
+
+absl::StatusOr<SessionInfo> Engine::RestoreSessionImpl(const std::string& snapshot,
+                                                       const std::string& new_id) {
   ASSIGN_OR_RETURN(SnapshotData d, DecodeSnapshot(snapshot));
   const model::ModelConfig& c = model_->config();
   if (d.fingerprint != fingerprint_) {
@@ -363,6 +407,15 @@ absl::StatusOr<SessionInfo> Engine::RestoreSession(const std::string& snapshot,
   if (d.position < 0 ||
       (d.pending_token && (*d.pending_token < 0 || *d.pending_token >= c.vocab_size))) {
     return absl::InvalidArgumentError("snapshot: invalid position or pending token");
+  }
+  // The history is the conversation: every absorbed token plus the pending one.
+  if (static_cast<int64_t>(d.history.size()) != d.position + (d.pending_token ? 1 : 0)) {
+    return absl::InvalidArgumentError("snapshot: token history does not match the position");
+  }
+  for (int64_t t : d.history) {
+    if (t < 0 || t >= c.vocab_size) {
+      return absl::InvalidArgumentError("snapshot: token history holds an invalid id");
+    }
   }
   absl::MutexLock lock(&mu_);
   ASSIGN_OR_RETURN(Session * s, NewSession(new_id));
@@ -435,6 +488,10 @@ absl::StatusOr<std::shared_ptr<Generation>> Engine::Submit(GenerateRequest reque
   if (s.busy) {
     return absl::FailedPreconditionError(absl::StrCat(
         "session '", s.id, "' is already generating (one generation per session at a time)"));
+  }
+  if (s.broken) {
+    return absl::DataLossError(
+        absl::StrCat("session '", s.id, "': its state was lost in an internal error; delete it"));
   }
   if (request.prompt.empty() && !s.pending.has_value()) {
     return absl::InvalidArgumentError(

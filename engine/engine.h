@@ -215,10 +215,19 @@ class Engine {
   void Prefill();
   void Decode();
   void FinishRequest(Request& r, FinishReason reason, absl::Status status = absl::OkStatus());
+  void RestorePending(Request& r);
+  absl::StatusOr<SessionInfo> CreateSessionImpl(const std::string& id);
+  absl::StatusOr<SessionInfo> ForkSessionImpl(const std::string& source, const std::string& new_id);
+  absl::StatusOr<std::string> SnapshotSessionImpl(const std::string& id);
+  absl::StatusOr<SessionInfo> RestoreSessionImpl(const std::string& snapshot,
+                                                 const std::string& new_id);
+  void FailAll(const std::string& what);
   // Handles one sampled token for a request: stop checks, sink. Returns true if it finished.
   bool Deliver(Request& r, const SampleResult& sample);
 
-  absl::StatusOr<int64_t> AcquireSlot() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // `swapping_in`: the caller brings a spilled session back, so spilling another one does not
+  // grow the host population.
+  absl::StatusOr<int64_t> AcquireSlot(bool swapping_in = false) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status MakeResident(Session& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void SwapSlots(int64_t a, int64_t b) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void MoveIntoActive(Session& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -251,6 +260,7 @@ class Engine {
   // Owned by the engine thread.
   std::vector<std::unique_ptr<Request>> prefilling_;
   std::vector<std::unique_ptr<Request>> decoding_;  // row b decodes in slot b
+  absl::Time next_expiry_;
 
   std::thread thread_;
 };

@@ -22,16 +22,27 @@ std::optional<FinishReason> Expired(const std::shared_ptr<Generation>& g,
 
 void Engine::Loop() {
   c10::InferenceMode guard;
-  absl::Time next_expiry = absl::Now() + absl::Seconds(1);
+  next_expiry_ = absl::Now() + absl::Seconds(1);
   while (true) {
+    try {
+      if (!Iterate()) return;
+    } catch (const std::exception& e) {
+      FailAll(e.what());
+    }
+  }
+}
+
+// One iteration: admission, prefill, decode. Returns false when the engine is stopping.
+bool Engine::Iterate() {
+  {
     std::vector<std::pair<std::unique_ptr<Request>, absl::Status>> refused;
     {
       absl::MutexLock lock(&mu_);
       while (!stopping_ && queue_.empty() && prefilling_.empty() && decoding_.empty() &&
-             absl::Now() < next_expiry) {
-        wake_.WaitWithDeadline(&mu_, next_expiry);
+             absl::Now() < next_expiry_) {
+        wake_.WaitWithDeadline(&mu_, next_expiry_);
       }
-      if (stopping_) return;
+      if (stopping_) return false;
       // Admission: make the session resident and line up its tokens.
       for (auto& r : queue_) {
         Session& s = *r->session;
@@ -56,13 +67,52 @@ void Engine::Loop() {
     }
     for (auto& [r, status] : refused) FinishRequest(*r, FinishReason::kError, status);
     const absl::Time now = absl::Now();
-    if (now >= next_expiry) {
+    if (now >= next_expiry_) {
       ExpireIdleSessions(now);
-      next_expiry = now + std::min(absl::Seconds(1), options_.session_ttl);
+      next_expiry_ = now + std::min(absl::Seconds(1), options_.session_ttl);
     }
     Prefill();
     Decode();
   }
+  return true;
+}
+
+// Last resort when a tensor operation throws outside the model's own error handling (e.g. device
+// memory exhausted while sampling): every running request ends with an error and its session's
+// state, possibly half-updated, is marked lost.
+void Engine::FailAll(const std::string& what) {
+  const std::string message = what.substr(0, what.find('\n'));
+  std::vector<std::unique_ptr<Request>> failed;
+  {
+    absl::MutexLock lock(&mu_);
+    for (int64_t b = static_cast<int64_t>(decoding_.size()) - 1; b >= 0; --b) {
+      decoding_[b]->session->broken = true;
+      MoveOutOfActive(*decoding_[b]->session);
+      failed.push_back(std::move(decoding_[b]));
+    }
+    decoding_.clear();
+    for (auto& r : prefilling_) {
+      r->session->broken = true;
+      failed.push_back(std::move(r));
+    }
+    prefilling_.clear();
+    for (auto& r : queue_) {
+      if (r != nullptr) failed.push_back(std::move(r));
+    }
+    queue_.clear();
+  }
+  for (auto& r : failed) {
+    FinishRequest(*r, FinishReason::kError,
+                  absl::InternalError(absl::StrCat("engine step failed: ", message)));
+  }
+}
+
+// A request that ends before its first prefill chunk gives its session back the pending token
+// that admission took (it is in neither the state nor the pending slot otherwise).
+void Engine::RestorePending(Request& r) {
+  if (!r.pending_in_front || r.prefilled != 0) return;
+  absl::MutexLock lock(&mu_);
+  r.session->pending = r.to_prefill[0];
 }
 
 void Engine::Prefill() {
@@ -71,6 +121,7 @@ void Engine::Prefill() {
   for (auto it = prefilling_.begin(); it != prefilling_.end();) {
     Request& r = **it;
     if (auto reason = Expired(r.generation, r.req, now)) {
+      RestorePending(r);
       FinishRequest(r, *reason);
       it = prefilling_.erase(it);
       continue;
@@ -92,6 +143,7 @@ void Engine::Prefill() {
     auto logits = model_->Chunkwise(tokens, SlotView(s.slot), s.position,
                                     options_.prefill_chunk_size, model::Outputs::kLast);
     if (!logits.ok()) {
+      RestorePending(r);
       FinishRequest(r, FinishReason::kError, logits.status());
       it = prefilling_.erase(it);
       continue;
@@ -139,7 +191,7 @@ void Engine::Decode() {
       ++it;
     }
   }
-  const int64_t batch = static_cast<int64_t>(decoding_.size());
+  int64_t batch = static_cast<int64_t>(decoding_.size());
   if (batch == 0 && joining.empty()) return;
 
   std::vector<at::Tensor> logits;
@@ -155,12 +207,15 @@ void Engine::Decode() {
         model_->Step(at::tensor(tokens, at::kLong).to(device),
                      at::tensor(positions, at::kLong).to(device), pool_->state.narrow(1, 0, batch));
     if (!step.ok()) {
+      // The step may have advanced some layers of these states in place: they are lost.
       absl::MutexLock lock(&mu_);
       for (int64_t b = batch - 1; b >= 0; --b) {
+        decoding_[b]->session->broken = true;
         MoveOutOfActive(*decoding_[b]->session);
         finished.emplace_back(std::move(decoding_[b]), FinishReason::kError);
       }
       decoding_.clear();
+      batch = 0;
     } else {
       absl::MutexLock lock(&mu_);
       for (auto& r : decoding_) {

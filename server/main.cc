@@ -1,26 +1,16 @@
 // retnet-server: serves a RetNet checkpoint (default: the built-in model) over gRPC.
 // Every flag has an environment-variable equivalent (shown in --help).
+#include <pthread.h>
+#include <signal.h>
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
 #include <CLI/CLI.hpp>
-#include <csignal>
+#include <cstdio>
 #include <fstream>
 #include <iostream>
 
-#include "absl/synchronization/notification.h"
 #include "server/server.h"
-
-namespace {
-
-absl::Notification* g_stop = nullptr;
-
-void OnSignal(int) {
-  // Async-signal-safe enough: Notify() only touches an atomic and a futex-based mutex.
-  if (g_stop != nullptr && !g_stop->HasBeenNotified()) g_stop->Notify();
-}
-
-}  // namespace
 
 int main(int argc, char** argv) {
   retnet::server::ServerOptions o;
@@ -104,10 +94,13 @@ int main(int argc, char** argv) {
   o.snapshot_interval = absl::Seconds(snapshot_s);
   o.state_memory_bytes = static_cast<int64_t>(state_mb * 1048576.0);
 
-  absl::Notification stop;
-  g_stop = &stop;
-  std::signal(SIGTERM, OnSignal);
-  std::signal(SIGINT, OnSignal);
+  // SIGTERM/SIGINT are blocked in every thread (the mask is inherited by the threads the server
+  // starts) and taken synchronously by sigwait below: no work in a signal handler.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
 
   auto server = retnet::server::Server::Start(o);
   if (!server.ok()) {
@@ -119,7 +112,8 @@ int main(int argc, char** argv) {
     std::ofstream(port_file + ".tmp") << (*server)->port() << "\n";
     std::rename((port_file + ".tmp").c_str(), port_file.c_str());
   }
-  stop.WaitForNotification();
+  int signal_number = 0;
+  sigwait(&signals, &signal_number);
   spdlog::info("draining (grace {} s)", grace_s);
   (*server)->Drain(absl::Seconds(grace_s));
   spdlog::info("stopped");

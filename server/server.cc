@@ -110,6 +110,7 @@ struct Server::Impl {
   absl::Mutex mu;
   bool drained ABSL_GUARDED_BY(mu) = false;
   absl::Notification stop_housekeeping;
+  std::set<std::string> unrestorable;  // snapshot files that failed to restore (set before serving)
   std::thread housekeeping;
 
   std::string SnapshotPath(const std::string& id) const {
@@ -127,6 +128,8 @@ struct Server::Impl {
       if (info.ok()) {
         ++restored;
       } else {
+        // Kept on disk (never removed by SnapshotAll): a restart with the right model may want it.
+        unrestorable.insert(name);
         spdlog::warn("state dir: skipping {}: {}", name, std::string(info.status().message()));
       }
     }
@@ -151,7 +154,9 @@ struct Server::Impl {
       }
     }
     for (const std::string& name : ListSnapshots(options.state_dir)) {
-      if (keep.count(name) == 0) std::remove((options.state_dir + "/" + name).c_str());
+      if (keep.count(name) == 0 && unrestorable.count(name) == 0) {
+        std::remove((options.state_dir + "/" + name).c_str());
+      }
     }
     return written;
   }

@@ -152,6 +152,9 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
 
 // Chat: turns arrive on the read side; each is generated and streamed like Generate, ending with
 // its Final; then the next turn is read. The first turn's session is the stream's session.
+// Rules kept here: one write and one read in flight at most; Finish exactly once and never while
+// a write is in flight (a status that arrives then waits for OnWriteDone); a finished turn's
+// stream is detached before the next turn replaces it.
 class ChatReactor final : public grpc::ServerBidiReactor<v1::ChatRequest, v1::GenerateResponse> {
  public:
   using Prepare =
@@ -162,30 +165,34 @@ class ChatReactor final : public grpc::ServerBidiReactor<v1::ChatRequest, v1::Ge
     StartRead(&in_);
   }
 
-  // Reads are one at a time, so this never runs concurrently with itself. The stream is
-  // attached before taking mu_: the engine calls Pump (which takes mu_) while holding the
-  // stream's wake lock, so mu_ must never be held while taking that lock.
+  // Reads are one at a time, so this never runs concurrently with itself. Streams are attached
+  // and detached without holding mu_: the engine calls Pump (which takes mu_) while holding a
+  // stream's wake lock.
   void OnReadDone(bool ok) override {
-    if (!ok) {  // the client closed its side: finish once the current turn is over
-      absl::MutexLock lock(&mu_);
-      closed_ = true;
-      MaybeFinishLocked();
-      return;
-    }
     std::string session;
+    std::shared_ptr<TurnStream> previous;
     {
       absl::MutexLock lock(&mu_);
+      if (finished_) return;
+      if (!ok) {  // the client closed its side: finish once the current turn is over
+        closed_ = true;
+        MaybeFinishLocked();
+        return;
+      }
       session = session_;
+      previous = std::move(stream_);
     }
+    if (previous) previous->Detach();  // its turn is over
     auto turn = prepare_(in_.turn(), session);
     if (!turn.ok()) {
       absl::MutexLock lock(&mu_);
-      FinishLocked(ToGrpc(turn.status()));
+      EndLocked(ToGrpc(turn.status()));
       return;
     }
     auto stream =
         std::make_shared<TurnStream>(turn->public_id, engine_->model_state_bytes(), metrics_);
     stream->Attach([this] { Pump(); });
+    const std::string internal_id = turn->request.session_id;
     {
       absl::MutexLock lock(&mu_);
       if (session_.empty()) session_ = turn->public_id;
@@ -193,10 +200,11 @@ class ChatReactor final : public grpc::ServerBidiReactor<v1::ChatRequest, v1::Ge
       in_turn_ = true;
     }
     auto generation = engine_->Submit(std::move(turn->request), stream);
+    if (!generation.ok() && turn->created) (void)engine_->DeleteSession(internal_id);
     absl::MutexLock lock(&mu_);
     if (!generation.ok()) {
       in_turn_ = false;
-      FinishLocked(ToGrpc(generation.status()));
+      EndLocked(ToGrpc(generation.status()));
       return;
     }
     stream->SetGeneration(*generation);
@@ -207,16 +215,20 @@ class ChatReactor final : public grpc::ServerBidiReactor<v1::ChatRequest, v1::Ge
       absl::MutexLock lock(&mu_);
       writing_ = false;
       if (!ok) {
-        if (stream_) stream_->ClientGone();
         FinishLocked(grpc::Status(grpc::StatusCode::CANCELLED, "client went away"));
         return;
       }
+      if (deferred_status_) {
+        FinishLocked(*deferred_status_);
+        return;
+      }
+      MaybeFinishLocked();
     }
     Pump();
   }
   void OnCancel() override {
     absl::MutexLock lock(&mu_);
-    if (stream_) stream_->ClientGone();
+    EndLocked(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the client"));
   }
   void OnDone() override {
     std::shared_ptr<TurnStream> stream;
@@ -245,7 +257,6 @@ class ChatReactor final : public grpc::ServerBidiReactor<v1::ChatRequest, v1::Ge
         in_turn_ = false;
         StartWrite(&out_);
         if (!closed_) StartRead(&in_);
-        MaybeFinishLocked();
         return;
       case TurnStream::Action::kEndWithStatus:
         in_turn_ = false;
@@ -255,6 +266,15 @@ class ChatReactor final : public grpc::ServerBidiReactor<v1::ChatRequest, v1::Ge
   }
   void MaybeFinishLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (closed_ && !in_turn_ && !writing_) FinishLocked(grpc::Status::OK);
+  }
+  // Ends the RPC now, or after the write in flight.
+  void EndLocked(grpc::Status status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (stream_ && in_turn_) stream_->ClientGone();
+    if (writing_) {
+      if (!deferred_status_) deferred_status_ = std::move(status);
+    } else {
+      FinishLocked(std::move(status));
+    }
   }
   void FinishLocked(grpc::Status status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (finished_) return;
@@ -269,6 +289,7 @@ class ChatReactor final : public grpc::ServerBidiReactor<v1::ChatRequest, v1::Ge
   absl::Mutex mu_;
   std::string session_ ABSL_GUARDED_BY(mu_);
   std::shared_ptr<TurnStream> stream_ ABSL_GUARDED_BY(mu_);
+  std::optional<grpc::Status> deferred_status_ ABSL_GUARDED_BY(mu_);
   bool in_turn_ ABSL_GUARDED_BY(mu_) = false;
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
   bool closed_ ABSL_GUARDED_BY(mu_) = false;
@@ -539,7 +560,10 @@ grpc::ServerReadReactor<v1::ImportSessionRequest>* RetNetService::ImportSession(
     };
     return new Failed(caller.ok() ? absl::UnavailableError("server is draining") : caller.status());
   }
-  return new ImportReactor(engine_, *caller, options_.max_snapshot_bytes, response);
+  // A snapshot is the state plus a header and the token history: bound what one call may buffer.
+  const int64_t limit =
+      std::min<int64_t>(options_.max_snapshot_bytes, engine_->model_state_bytes() + (64 << 20));
+  return new ImportReactor(engine_, *caller, limit, response);
 }
 
 grpc::ServerUnaryReactor* RetNetService::Tokenize(grpc::CallbackServerContext* context,

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "engine/snapshot.h"
 #include "model/retnet.h"
 #include "model/tokenizer.h"
 
@@ -414,6 +415,54 @@ TEST_F(EngineTest, DeadlineEndsTheGenerationAndKeepsTheSession) {
   EXPECT_EQ(sink->finish().reason, FinishReason::kDeadline);
   EXPECT_LT(sink->tokens().size(), 4000u);
   EXPECT_EQ(Run(*e, "a", Bytes("x"), Greedy(2))->tokens().size(), 2u);
+}
+
+TEST_F(EngineTest, AGenerationEndingBeforePrefillKeepsThePendingToken) {
+  auto e = MakeEngine();
+  ASSERT_TRUE(e->CreateSession("a").ok());
+  Run(*e, "a", Bytes("first"), Greedy(4));
+  const SessionInfo before = *e->GetSession("a");
+  ASSERT_TRUE(before.pending_token.has_value());
+  auto sink = std::make_shared<TestSink>();
+  ASSERT_TRUE(e->Submit({"a", Bytes("x"), Greedy(5), absl::Now() - absl::Seconds(1)}, sink).ok());
+  ASSERT_TRUE(sink->WaitFinish());
+  EXPECT_EQ(sink->finish().reason, FinishReason::kDeadline);
+  const SessionInfo after = *e->GetSession("a");
+  EXPECT_EQ(after.position, before.position);
+  EXPECT_EQ(after.pending_token, before.pending_token);
+}
+
+TEST_F(EngineTest, ASpilledSessionComesBackWhenTheHostIsFull) {
+  EngineOptions tight;
+  tight.max_sessions = 2;
+  tight.max_host_sessions = 1;
+  auto e = MakeEngine(tight);
+  ASSERT_TRUE(e->CreateSession("a").ok());
+  Run(*e, "a", Bytes("one"), Greedy(2));
+  ASSERT_TRUE(e->CreateSession("b").ok());
+  ASSERT_TRUE(e->CreateSession("c").ok());  // spills "a": the host is now full
+  EXPECT_EQ(e->Stats().spilled, 1);
+  auto back = Run(*e, "a", Bytes(" two"), Greedy(3));  // swaps with the LRU of b and c
+  EXPECT_EQ(back->finish().reason, FinishReason::kLength);
+  EXPECT_TRUE(e->GetSession("a")->resident);
+  EXPECT_EQ(e->Stats().spilled, 1);
+}
+
+TEST_F(EngineTest, RestoreRefusesAHistoryThatDoesNotFit) {
+  auto e = MakeEngine();
+  ASSERT_TRUE(e->CreateSession("a").ok());
+  Run(*e, "a", Bytes("history"), Greedy(3));
+  auto data = DecodeSnapshot(*e->SnapshotSession("a"));
+  ASSERT_TRUE(data.ok());
+  SnapshotData bad_id = *data;
+  bad_id.history[0] = kVocab + 5;
+  EXPECT_EQ(e->RestoreSession(EncodeSnapshot(bad_id)).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  SnapshotData short_history = *data;
+  short_history.history.pop_back();
+  EXPECT_EQ(e->RestoreSession(EncodeSnapshot(short_history)).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(e->RestoreSession(EncodeSnapshot(*data)).ok());
 }
 
 TEST_F(EngineTest, StopStringsStopTokensAndMinTokens) {

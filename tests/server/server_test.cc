@@ -240,6 +240,26 @@ TEST_F(ServerTest, ChatStreamsTurnsOnOneSessionLikeGenerate) {
   EXPECT_EQ(client_->Get("chat")->position(), client_->Get("gen")->position());
 }
 
+TEST_F(ServerTest, ChatEndsCleanlyWhenTheClientHalfClosesRightAfterItsTurn) {
+  grpc::ClientContext ctx;
+  client_->Prepare(&ctx, absl::Seconds(60));
+  auto stream = client_->stub()->Chat(&ctx);
+  v1::ChatRequest req;
+  *req.mutable_turn() = Greedy("halfclose", "Amen", 6);
+  ASSERT_TRUE(stream->Write(req));
+  stream->WritesDone();  // send, half-close, then read to the end
+  int tokens = 0;
+  bool final_seen = false;
+  v1::GenerateResponse msg;
+  while (stream->Read(&msg)) {
+    if (msg.has_final()) final_seen = true;
+    tokens += msg.chunk().tokens_size();
+  }
+  EXPECT_TRUE(stream->Finish().ok());
+  EXPECT_TRUE(final_seen);
+  EXPECT_EQ(tokens, 6);
+}
+
 TEST_F(ServerTest, SessionManagementRpcs) {
   grpc::ClientContext c1;
   client_->Prepare(&c1);
