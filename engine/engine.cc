@@ -34,7 +34,10 @@ const char* FinishReasonName(FinishReason r) {
 
 Engine::Engine(std::shared_ptr<const model::RetNet> model,
                std::shared_ptr<const model::Tokenizer> tokenizer, EngineOptions options)
-    : model_(std::move(model)), tokenizer_(std::move(tokenizer)), options_(options) {}
+    : model_(std::move(model)),
+      tokenizer_(std::move(tokenizer)),
+      options_(options),
+      eos_id_(tokenizer_->eos_id() >= 0 ? tokenizer_->eos_id() : model_->config().eos_token_id) {}
 
 absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
     std::shared_ptr<const model::RetNet> model, std::shared_ptr<const model::Tokenizer> tokenizer,

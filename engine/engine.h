@@ -240,6 +240,7 @@ class Engine {
   const std::shared_ptr<const model::RetNet> model_;
   const std::shared_ptr<const model::Tokenizer> tokenizer_;
   const EngineOptions options_;
+  const int64_t eos_id_;  // the tokenizer's EOS, else the config's; -1 when neither has one
   int64_t slots_ = 0;
   uint64_t fingerprint_ = 0;
   struct Pool;

@@ -235,8 +235,7 @@ void Engine::Decode() {
   for (auto& r : decoding_) rows.push_back(r.get());
   for (auto& r : joining) rows.push_back(r.get());
   std::vector<SampleRow> sample_rows(rows.size());
-  const int64_t eos =
-      tokenizer_->eos_id() >= 0 ? tokenizer_->eos_id() : model_->config().eos_token_id;
+  const int64_t eos = eos_id_;
   for (size_t i = 0; i < rows.size(); ++i) {
     Request& r = *rows[i];
     SampleRow& row = sample_rows[i];
@@ -292,8 +291,7 @@ bool Engine::Deliver(Request& r, const SampleResult& sample) {
     ++r.session->counter;
   }
   r.output.push_back(token);
-  const int64_t eos =
-      tokenizer_->eos_id() >= 0 ? tokenizer_->eos_id() : model_->config().eos_token_id;
+  const int64_t eos = eos_id_;
   const bool is_eos = token == eos && eos >= 0 && !p.ignore_eos;
   const bool is_stop_id =
       std::find(p.stop_token_ids.begin(), p.stop_token_ids.end(), token) != p.stop_token_ids.end();
