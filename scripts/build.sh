@@ -4,6 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
+# The Node client's pinned dependencies (package-lock.json), for its test.
+if command -v npm >/dev/null 2>&1 && [ ! -d client/node/node_modules/@grpc/grpc-js ]; then
+  npm ci --prefix client/node --no-audit --no-fund --loglevel=error >/dev/null
+fi
 export CCACHE_SLOPPINESS=pch_defines,time_macros,include_file_mtime,include_file_ctime
 if [ ! -f build/CMakeCache.txt ]; then
   cmake --preset release "$@" >/dev/null

@@ -90,7 +90,7 @@ class Client:
         """
         req = self._request(prompt, session, max_new_tokens, temperature, seed, stop, ignore_eos, logprobs)
         self.last_final = None
-        for msg in self._stub.Generate(req, timeout=self._timeout, metadata=self._metadata):
+        for msg in self._stub.Generate(req, timeout=self._timeout, metadata=self._routed(session)):
             if msg.HasField("chunk"):
                 for t in msg.chunk.tokens:
                     yield Piece(t.id, t.text, t.logprob if t.HasField("logprob") else None)
@@ -103,13 +103,17 @@ class Client:
         final = self.last_final
         return Result([p.id for p in pieces], "".join(p.text for p in pieces) + final.text, final)
 
+    def _routed(self, session: str):
+        """The call's metadata; `x-session-id` lets a gateway keep the session on its replica."""
+        return self._metadata + ([("x-session-id", session)] if session else [])
+
     def session(self, session_id: str) -> "pb.Session":
         return self._stub.GetSession(pb.GetSessionRequest(session_id=session_id), timeout=self._timeout,
-                                     metadata=self._metadata)
+                                     metadata=self._routed(session_id))
 
     def delete_session(self, session_id: str) -> None:
         self._stub.DeleteSession(pb.DeleteSessionRequest(session_id=session_id), timeout=self._timeout,
-                                 metadata=self._metadata)
+                                 metadata=self._routed(session_id))
 
     def model_info(self) -> "pb.ModelInfo":
         return self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self._timeout, metadata=self._metadata)

@@ -1,12 +1,13 @@
 """Runs the Python client against a live retnet-server (started here on 127.0.0.1 port 0).
 
-usage: test_client.py --server build/bin/retnet-server --stubs build/python
+usage: test_client.py --server build/bin/retnet-server --stubs build/python [--cxx-client build/bin/retnet-client]
 Checks: greedy generation through the client equals the same request's token ids read with the raw
-grpcio stub and continues a session across two calls exactly like one uninterrupted call would;
+grpcio stub and with the C++ retnet-client, and continues a session across two calls exactly like one uninterrupted call would;
 status codes surface as grpc.RpcError.
 """
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -19,6 +20,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--server", required=True)
     ap.add_argument("--stubs", required=True)
+    ap.add_argument("--cxx-client")
     args = ap.parse_args()
     sys.path.insert(0, args.stubs)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -62,6 +64,12 @@ def main() -> int:
             req.stopping.ignore_eos = True
             raw = [t.id for m in stub.Generate(req, timeout=60) if m.HasField("chunk") for t in m.chunk.tokens]
             check(raw == a.tokens, "client ids equal raw-stub ids")
+            if args.cxx_client:
+                out = subprocess.run([args.cxx_client, "--target", target, "generate", "In the beginning",
+                                      "--session", "py-cxx", "--max-new-tokens", "30", "--temperature", "0",
+                                      "--ignore-eos", "--json"], capture_output=True, text=True, timeout=120)
+                cxx = json.loads(out.stdout) if out.returncode == 0 else {}
+                check(cxx.get("tokens") == a.tokens, "client ids equal the C++ retnet-client's")
             # One session continued across two calls == one call over the joined conversation.
             first = c.complete("And God", session="py-b", max_new_tokens=10, ignore_eos=True)
             second = c.complete(" said", session="py-b", max_new_tokens=10, ignore_eos=True)

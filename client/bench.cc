@@ -1,0 +1,485 @@
+#include "client/bench.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstdio>
+#include <mutex>
+#include <random>
+#include <sstream>
+#include <thread>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+
+namespace retnet::client {
+namespace {
+
+using SteadyClock = std::chrono::steady_clock;
+
+double Seconds(SteadyClock::duration d) { return std::chrono::duration<double>(d).count(); }
+
+std::string CodeName(absl::StatusCode code) { return absl::StatusCodeToString(code); }
+
+// The shared state of one run.
+class Run {
+ public:
+  Run(const Client& client, const BenchOptions& options, const v1::ModelInfo& info)
+      : client_(client), o_(options), info_(info) {}
+
+  void Measure() {
+    start_ = SteadyClock::now();
+    std::thread progress;
+    if (o_.progress) progress = std::thread([this] { Progress(); });
+    if (o_.request_rate > 0) {
+      OpenLoop();
+    } else {
+      std::vector<std::thread> users;
+      for (int64_t i = 0; i < o_.concurrency; ++i) {
+        users.emplace_back([this] {
+          while (true) {
+            const int64_t user = next_user_.fetch_add(1);
+            if (!RunUser(user, /*measured=*/true)) break;
+          }
+        });
+      }
+      for (auto& t : users) t.join();
+    }
+    end_ = SteadyClock::now();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      finished_ = true;
+    }
+    cv_.notify_all();
+    if (progress.joinable()) progress.join();
+  }
+
+  // Warm-up requests: single turns, not recorded.
+  void Warmup() {
+    std::atomic<int64_t> left{o_.warmup_requests};
+    std::vector<std::thread> threads;
+    for (int64_t i = 0; i < std::min(o_.concurrency, o_.warmup_requests); ++i) {
+      threads.emplace_back([&, i] {
+        while (left.fetch_sub(1) > 0) {
+          const std::string id = absl::StrCat(prefix_, "-warmup-", i);
+          RequestRecord r;
+          Turn(-1 - i, 0, id, &r);
+          (void)client_.DeleteSession(id);
+        }
+      });
+    }
+    for (auto& t : threads) t.join();
+  }
+
+  void set_prefix(std::string prefix) { prefix_ = std::move(prefix); }
+  double duration_s() const { return Seconds(end_ - start_); }
+  std::vector<RequestRecord> TakeRecords() {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::sort(records_.begin(), records_.end(),
+              [](const RequestRecord& a, const RequestRecord& b) { return a.index < b.index; });
+    return std::move(records_);
+  }
+
+ private:
+  bool TimeIsUp() const {
+    return o_.duration_s > 0 && Seconds(SteadyClock::now() - start_) >= o_.duration_s;
+  }
+
+  // Claims the right to send one more measured request.
+  bool Claim(int64_t* index) {
+    if (TimeIsUp()) return false;
+    *index = sent_.fetch_add(1);
+    if (o_.num_requests > 0 && *index >= o_.num_requests) return false;
+    return true;
+  }
+
+  // One virtual user: a session for up to `turns` turns. False when no request could be claimed.
+  bool RunUser(int64_t user, bool measured) {
+    const std::string id = absl::StrCat(prefix_, "-u", user);
+    bool any = false;
+    for (int64_t turn = 0; turn < o_.turns; ++turn) {
+      RequestRecord r;
+      if (!Claim(&r.index)) break;
+      any = true;
+      Turn(user, turn, id, &r);
+      const bool ok = r.code == absl::StatusCode::kOk;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        records_.push_back(std::move(r));
+      }
+      done_.fetch_add(1);
+      if (!ok) break;  // the session's state is no longer what the next turn assumes
+    }
+    if (any) (void)client_.DeleteSession(id);
+    return any;
+  }
+
+  void Turn(int64_t user, int64_t turn, const std::string& id, RequestRecord* r) {
+    std::mt19937_64 rng(o_.seed * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(user) * 1000003u +
+                        static_cast<uint64_t>(turn));
+    auto draw = [&](const Range& range) {
+      return std::uniform_int_distribution<int64_t>(range.min, range.max)(rng);
+    };
+    const int64_t prompt_len = draw(o_.prompt_tokens);
+    const int64_t output_len = draw(o_.output_tokens);
+    v1::GenerateRequest req;
+    req.set_session_id(id);
+    req.set_create_session(turn == 0);
+    std::uniform_int_distribution<int64_t> token(0, info_.vocab_size() - 1);
+    for (int64_t i = 0; i < prompt_len; ++i) {
+      int64_t t = token(rng);
+      while (t == info_.bos_token_id() || t == info_.eos_token_id()) t = token(rng);
+      req.mutable_tokens()->add_ids(t);
+    }
+    req.mutable_sampling()->set_temperature(o_.temperature);
+    req.mutable_sampling()->set_seed(o_.seed + static_cast<uint64_t>(user));
+    req.mutable_stopping()->set_max_new_tokens(output_len);
+    req.mutable_stopping()->set_ignore_eos(true);
+
+    r->user = user;
+    r->turn = turn;
+    r->session_id = id;
+    r->prompt_tokens = prompt_len;
+    grpc::ClientContext ctx;
+    client_.Prepare(&ctx, id);
+    const SteadyClock::time_point sent = SteadyClock::now();
+    r->start_s = Seconds(sent - start_);
+    auto reader = client_.stub()->Generate(&ctx, req);
+    v1::GenerateResponse msg;
+    SteadyClock::time_point last = sent;
+    bool final_seen = false;
+    while (reader->Read(&msg)) {
+      const SteadyClock::time_point now = SteadyClock::now();
+      if (msg.has_chunk()) {
+        const int n = msg.chunk().tokens_size();
+        if (n == 0) continue;
+        if (r->output_tokens == 0) {
+          r->ttft_s = Seconds(now - sent);
+        } else {
+          const double gap = Seconds(now - last) / n;
+          for (int i = 0; i < n; ++i) r->itl_s.push_back(gap);
+        }
+        r->output_tokens += n;
+        tokens_.fetch_add(n);
+        last = now;
+      } else if (msg.has_final()) {
+        r->e2el_s = Seconds(now - sent);
+        r->usage_output_tokens = msg.final().usage().completion_tokens();
+        final_seen = true;
+      }
+    }
+    const grpc::Status status = reader->Finish();
+    if (!status.ok()) {
+      r->code = static_cast<absl::StatusCode>(status.error_code());
+      r->error = status.error_message();
+    } else if (!final_seen) {
+      r->code = absl::StatusCode::kDataLoss;
+      r->error = "stream ended without a Final message";
+    }
+  }
+
+  void OpenLoop() {
+    std::mt19937_64 rng(o_.seed);
+    std::exponential_distribution<double> gap(o_.request_rate);
+    std::vector<std::thread> users;
+    std::mutex running_mu;
+    std::condition_variable running_cv;
+    int64_t running = 0;
+    SteadyClock::time_point next = start_;
+    for (int64_t user = 0;; ++user) {
+      next += std::chrono::duration_cast<SteadyClock::duration>(
+          std::chrono::duration<double>(gap(rng)));
+      std::this_thread::sleep_until(next);  // the arrival process itself, not synchronisation
+      if (TimeIsUp()) break;
+      if (o_.num_requests > 0 && sent_.load() >= o_.num_requests) break;
+      {
+        // At the cap, an arrival waits for a running user (like a client-side semaphore).
+        std::unique_lock<std::mutex> lock(running_mu);
+        running_cv.wait(lock, [&] { return running < o_.concurrency; });
+        ++running;
+      }
+      users.emplace_back([&, user] {
+        RunUser(user, /*measured=*/true);
+        {
+          std::lock_guard<std::mutex> lock(running_mu);
+          --running;
+        }
+        running_cv.notify_one();
+      });
+    }
+    for (auto& t : users) t.join();
+  }
+
+  void Progress() {
+    const bool by_count = o_.num_requests > 0;
+    std::unique_lock<std::mutex> lock(mu_);
+    while (!finished_) {
+      cv_.wait_for(lock, std::chrono::milliseconds(250));
+      const double elapsed = Seconds(SteadyClock::now() - start_);
+      const int64_t done = done_.load();
+      double fraction = by_count ? static_cast<double>(done) / o_.num_requests
+                                 : (o_.duration_s > 0 ? elapsed / o_.duration_s : 0);
+      fraction = std::min(1.0, std::max(0.0, fraction));
+      const int width = 30, filled = static_cast<int>(fraction * width);
+      std::fprintf(stderr, "\r[%s%s] %5.1f%%  %lld requests  %.1f s  %.0f tok/s ",
+                   std::string(filled, '#').c_str(), std::string(width - filled, '.').c_str(),
+                   100 * fraction, static_cast<long long>(done), elapsed,
+                   elapsed > 0 ? tokens_.load() / elapsed : 0.0);
+      std::fflush(stderr);
+    }
+    std::fprintf(stderr, "\n");
+  }
+
+  const Client& client_;
+  const BenchOptions& o_;
+  const v1::ModelInfo& info_;
+  std::string prefix_;
+  SteadyClock::time_point start_, end_;
+  std::atomic<int64_t> next_user_{0}, sent_{0}, done_{0}, tokens_{0};
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool finished_ = false;
+  std::vector<RequestRecord> records_;
+};
+
+double Tpot(const RequestRecord& r) {
+  return r.output_tokens > 1 ? (r.e2el_s - r.ttft_s) / (r.output_tokens - 1) : -1;
+}
+
+bool MeetsSlo(const RequestRecord& r, const BenchOptions& o) {
+  if (r.code != absl::StatusCode::kOk) return false;
+  if (o.slo_ttft_ms > 0 && r.ttft_s * 1e3 > o.slo_ttft_ms) return false;
+  if (o.slo_e2el_ms > 0 && r.e2el_s * 1e3 > o.slo_e2el_ms) return false;
+  const double tpot = Tpot(r);
+  if (o.slo_tpot_ms > 0 && tpot >= 0 && tpot * 1e3 > o.slo_tpot_ms) return false;
+  return true;
+}
+
+bool HasSlo(const BenchOptions& o) {
+  return o.slo_ttft_ms > 0 || o.slo_tpot_ms > 0 || o.slo_e2el_ms > 0;
+}
+
+nlohmann::json SummaryJson(const Summary& s) {
+  return {{"count", s.count}, {"mean", s.mean}, {"std", s.std}, {"min", s.min},
+          {"p50", s.p50},     {"p90", s.p90},   {"p99", s.p99}, {"max", s.max}};
+}
+
+// Latency metrics (ms) over the completed requests that `pick` selects.
+template <typename Pick>
+nlohmann::json LatencyJson(const std::vector<RequestRecord>& records, Pick pick) {
+  std::vector<double> ttft, tpot, itl, e2el;
+  for (const auto& r : records) {
+    if (r.code != absl::StatusCode::kOk || !pick(r)) continue;
+    if (r.ttft_s >= 0) ttft.push_back(r.ttft_s * 1e3);
+    if (Tpot(r) >= 0) tpot.push_back(Tpot(r) * 1e3);
+    for (double g : r.itl_s) itl.push_back(g * 1e3);
+    e2el.push_back(r.e2el_s * 1e3);
+  }
+  return {{"ttft_ms", SummaryJson(Summarize(ttft))},
+          {"tpot_ms", SummaryJson(Summarize(tpot))},
+          {"itl_ms", SummaryJson(Summarize(itl))},
+          {"e2el_ms", SummaryJson(Summarize(e2el))}};
+}
+
+}  // namespace
+
+absl::StatusOr<Range> ParseRange(const std::string& text, const std::string& field) {
+  Range r;
+  const size_t colon = text.find(':');
+  bool ok = colon == std::string::npos ? absl::SimpleAtoi(text, &r.min)
+                                       : absl::SimpleAtoi(text.substr(0, colon), &r.min) &&
+                                             absl::SimpleAtoi(text.substr(colon + 1), &r.max);
+  if (colon == std::string::npos) r.max = r.min;
+  if (!ok || r.min < 1 || r.max < r.min) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, ": want N or MIN:MAX with 1 <= MIN <= MAX, got '", text, "'"));
+  }
+  return r;
+}
+
+Summary Summarize(std::vector<double> v) {
+  Summary s;
+  s.count = static_cast<int64_t>(v.size());
+  if (v.empty()) return s;
+  std::sort(v.begin(), v.end());
+  double sum = 0;
+  for (double x : v) sum += x;
+  s.mean = sum / v.size();
+  double var = 0;
+  for (double x : v) var += (x - s.mean) * (x - s.mean);
+  s.std = std::sqrt(var / v.size());
+  auto pct = [&](double p) {
+    const double pos = p / 100.0 * (v.size() - 1);
+    const size_t lo = static_cast<size_t>(std::floor(pos));
+    const size_t hi = std::min(lo + 1, v.size() - 1);
+    return v[lo] + (v[hi] - v[lo]) * (pos - lo);
+  };
+  s.min = v.front();
+  s.max = v.back();
+  s.p50 = pct(50);
+  s.p90 = pct(90);
+  s.p99 = pct(99);
+  return s;
+}
+
+absl::StatusOr<BenchResult> RunBench(const Client& client, const BenchOptions& options) {
+  if (options.concurrency < 1) return absl::InvalidArgumentError("--concurrency: must be >= 1");
+  if (options.turns < 1) return absl::InvalidArgumentError("--turns: must be >= 1");
+  if (options.request_rate < 0) return absl::InvalidArgumentError("--rate: must be >= 0");
+  if (options.num_requests <= 0 && options.duration_s <= 0) {
+    return absl::InvalidArgumentError("give --requests N or --duration S (or both)");
+  }
+  absl::StatusOr<v1::ModelInfo> info = client.GetModelInfo();
+  if (!info.ok()) return info.status();
+  if (info->vocab_size() < 3) return absl::FailedPreconditionError("model vocabulary too small");
+  BenchResult result;
+  result.options = options;
+  result.target = client.options().target;
+  std::string prefix = options.session_prefix;
+  if (prefix.empty()) prefix = "bench-" + NewSessionId().substr(2, 8);
+  Run run(client, result.options, *info);
+  run.set_prefix(prefix);
+  if (options.warmup_requests > 0) run.Warmup();
+  run.Measure();
+  result.duration_s = run.duration_s();
+  result.records = run.TakeRecords();
+  return result;
+}
+
+nlohmann::json ReportJson(const BenchResult& res) {
+  const BenchOptions& o = res.options;
+  int64_t ok = 0, prompt = 0, output = 0, good = 0, mismatches = 0;
+  std::map<std::string, int64_t> errors;
+  for (const auto& r : res.records) {
+    if (r.code == absl::StatusCode::kOk) {
+      ++ok;
+      prompt += r.prompt_tokens;
+      output += r.output_tokens;
+      if (r.output_tokens != r.usage_output_tokens) ++mismatches;
+      if (MeetsSlo(r, o)) ++good;
+    } else {
+      ++errors[CodeName(r.code)];
+    }
+  }
+  const double d = res.duration_s > 0 ? res.duration_s : 1e-9;
+  nlohmann::json j;
+  j["target"] = res.target;
+  j["config"] = {{"mode", o.request_rate > 0 ? "open" : "closed"},
+                 {"concurrency", o.concurrency},
+                 {"request_rate", o.request_rate},
+                 {"requests", o.num_requests},
+                 {"duration_s", o.duration_s},
+                 {"warmup_requests", o.warmup_requests},
+                 {"prompt_tokens", {o.prompt_tokens.min, o.prompt_tokens.max}},
+                 {"output_tokens", {o.output_tokens.min, o.output_tokens.max}},
+                 {"turns", o.turns},
+                 {"temperature", o.temperature},
+                 {"seed", o.seed}};
+  j["duration_s"] = res.duration_s;
+  j["requests"] = {{"sent", static_cast<int64_t>(res.records.size())},
+                   {"completed", ok},
+                   {"failed", static_cast<int64_t>(res.records.size()) - ok}};
+  j["errors"] = errors;
+  j["prompt_tokens"] = prompt;
+  j["output_tokens"] = output;
+  j["token_count_mismatches"] = mismatches;
+  j["request_throughput"] = ok / d;
+  j["output_token_throughput"] = output / d;
+  j["total_token_throughput"] = (prompt + output) / d;
+  if (HasSlo(o)) {
+    j["goodput"] = {
+        {"requests_per_s", good / d},
+        {"requests", good},
+        {"slo_ms", {{"ttft", o.slo_ttft_ms}, {"tpot", o.slo_tpot_ms}, {"e2el", o.slo_e2el_ms}}}};
+  } else {
+    j["goodput"] = nullptr;
+  }
+  j["latency"] = LatencyJson(res.records, [](const RequestRecord&) { return true; });
+  if (o.turns > 1) {
+    j["first_turns"] = LatencyJson(res.records, [](const RequestRecord& r) { return r.turn == 0; });
+    j["followup_turns"] =
+        LatencyJson(res.records, [](const RequestRecord& r) { return r.turn > 0; });
+  }
+  return j;
+}
+
+std::string ReportTable(const BenchResult& res) {
+  const nlohmann::json j = ReportJson(res);
+  const BenchOptions& o = res.options;
+  std::ostringstream out;
+  auto range = [](const Range& r) {
+    return r.min == r.max ? absl::StrCat(r.min) : absl::StrCat(r.min, "-", r.max);
+  };
+  out << "retnet-client bench against " << res.target << "\n";
+  if (o.request_rate > 0) {
+    out << absl::StrFormat("load: open loop, %.2f users/s (Poisson), at most %d at once",
+                           o.request_rate, o.concurrency);
+  } else {
+    out << absl::StrFormat("load: closed loop, %d concurrent users", o.concurrency);
+  }
+  out << absl::StrFormat("; %d turn(s) per session; prompt %s tokens, output %s tokens\n", o.turns,
+                         range(o.prompt_tokens), range(o.output_tokens));
+  out << absl::StrFormat("duration %.2f s; requests sent %d, completed %d, failed %d\n",
+                         res.duration_s, j["requests"]["sent"].get<int64_t>(),
+                         j["requests"]["completed"].get<int64_t>(),
+                         j["requests"]["failed"].get<int64_t>());
+  out << absl::StrFormat("request throughput   %10.2f req/s\n",
+                         j["request_throughput"].get<double>());
+  out << absl::StrFormat("output tokens        %10.1f tok/s\n",
+                         j["output_token_throughput"].get<double>());
+  out << absl::StrFormat("total tokens         %10.1f tok/s\n",
+                         j["total_token_throughput"].get<double>());
+  if (!j["goodput"].is_null()) {
+    out << absl::StrFormat("goodput              %10.2f req/s (%d requests met every target)\n",
+                           j["goodput"]["requests_per_s"].get<double>(),
+                           j["goodput"]["requests"].get<int64_t>());
+  }
+  auto table = [&](const std::string& title, const nlohmann::json& lat) {
+    out << "\n" << title << "\n";
+    out << "| metric (ms) | count | mean | p50 | p90 | p99 | min | max |\n";
+    out << "|---|---:|---:|---:|---:|---:|---:|---:|\n";
+    for (const char* key : {"ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"}) {
+      const auto& s = lat[key];
+      std::string name(key);
+      name = name.substr(0, name.size() - 3);
+      for (auto& c : name) c = static_cast<char>(std::toupper(c));
+      out << absl::StrFormat("| %s | %d | %.3f | %.3f | %.3f | %.3f | %.3f | %.3f |\n", name,
+                             s["count"].get<int64_t>(), s["mean"].get<double>(),
+                             s["p50"].get<double>(), s["p90"].get<double>(), s["p99"].get<double>(),
+                             s["min"].get<double>(), s["max"].get<double>());
+    }
+  };
+  table("all requests", j["latency"]);
+  if (o.turns > 1) {
+    table("first turns (prefill of a new session)", j["first_turns"]);
+    table("follow-up turns (prefill of the new tokens only, state kept on the server)",
+          j["followup_turns"]);
+  }
+  if (!j["errors"].empty()) {
+    out << "\nerrors by status code:";
+    for (auto it = j["errors"].begin(); it != j["errors"].end(); ++it) {
+      out << " " << it.key() << " " << it.value().get<int64_t>();
+    }
+    out << "\n";
+  }
+  return out.str();
+}
+
+std::string ReportCsv(const BenchResult& res) {
+  std::ostringstream out;
+  out << "index,user,turn,session_id,start_s,ttft_ms,tpot_ms,e2el_ms,prompt_tokens,output_tokens,"
+         "status\n";
+  for (const auto& r : res.records) {
+    out << absl::StrFormat("%d,%d,%d,%s,%.6f,%.3f,%.3f,%.3f,%d,%d,%s\n", r.index, r.user, r.turn,
+                           r.session_id, r.start_s, r.ttft_s * 1e3, Tpot(r) * 1e3, r.e2el_s * 1e3,
+                           r.prompt_tokens, r.output_tokens, CodeName(r.code));
+  }
+  return out.str();
+}
+
+}  // namespace retnet::client

@@ -1,0 +1,181 @@
+'use strict';
+/**
+ * A small Node.js client for retnet-serve (retnet.v1.RetNet over gRPC).
+ *
+ * The service definition is loaded at runtime from proto/retnet/v1/retnet.proto (two folders up
+ * from this file) with @grpc/proto-loader: field names are camelCase (keepCase false), 64-bit
+ * integers are Numbers, enums are their names as Strings, unset fields read as their defaults and
+ * oneofs name their set member (GenerateResponse.kind is 'chunk' or 'final').
+ *
+ *     const { Client } = require('./retnet_client');
+ *     const c = new Client('localhost:50051');
+ *     for await (const piece of c.generate('And God said', { session: 'demo', maxNewTokens: 40 })) {
+ *       process.stdout.write(piece.text);
+ *     }
+ *     console.log(c.lastFinal.usage);
+ *     c.close();
+ *
+ * gRPC failures are thrown as Errors carrying `.code` (the numeric grpc status, see
+ * `grpc.status`) and `.details` (the server's message).
+ */
+
+const path = require('path');
+const grpc = require('@grpc/grpc-js');
+const protoLoader = require('@grpc/proto-loader');
+
+const PROTO_DIR = path.join(__dirname, '..', '..', 'proto');
+const PROTO_FILE = 'retnet/v1/retnet.proto';
+const LOADER_OPTIONS = {
+  keepCase: false,
+  longs: Number,
+  enums: String,
+  defaults: true,
+  oneofs: true,
+  includeDirs: [PROTO_DIR],
+};
+
+let cachedService = null;
+function retnetService() {
+  if (cachedService === null) {
+    const definition = protoLoader.loadSync(PROTO_FILE, LOADER_OPTIONS);
+    cachedService = grpc.loadPackageDefinition(definition).retnet.v1.RetNet;
+  }
+  return cachedService;
+}
+
+function rpcError(code, details) {
+  const err = new Error(`${code} ${grpc.status[code]}: ${details}`);
+  err.code = code;
+  err.details = details;
+  return err;
+}
+
+/** Thin wrapper over the retnet.v1.RetNet stub. */
+class Client {
+  /**
+   * @param {string} target host:port
+   * @param {object} [options]
+   * @param {string} [options.apiKey] sent as `authorization: Bearer <key>` on every call
+   * @param {Buffer|string} [options.rootCerts] PEM roots; given = TLS, else plaintext
+   * @param {number} [options.timeoutMs=120000] deadline of every call
+   */
+  constructor(target, { apiKey = null, rootCerts = null, timeoutMs = 120000 } = {}) {
+    const creds = rootCerts != null
+      ? grpc.credentials.createSsl(Buffer.isBuffer(rootCerts) ? rootCerts : Buffer.from(rootCerts))
+      : grpc.credentials.createInsecure();
+    const Service = retnetService();
+    this._stub = new Service(target, creds);
+    this._apiKey = apiKey || null;
+    this._timeoutMs = timeoutMs;
+    /** The Final message of the latest generate()/complete() turn (null until one arrives). */
+    this.lastFinal = null;
+  }
+
+  close() {
+    this._stub.close();
+  }
+
+  _metadata(sessionId) {
+    const md = new grpc.Metadata();
+    if (this._apiKey) md.set('authorization', `Bearer ${this._apiKey}`);
+    if (sessionId) md.set('x-session-id', sessionId);
+    return md;
+  }
+
+  _callOptions() {
+    return { deadline: Date.now() + this._timeoutMs };
+  }
+
+  _unary(method, request, sessionId = '') {
+    return new Promise((resolve, reject) => {
+      this._stub[method](request, this._metadata(sessionId), this._callOptions(), (err, response) => {
+        if (err) reject(err);
+        else resolve(response);
+      });
+    });
+  }
+
+  /** The GenerateRequest for a prompt (text, or an array/iterable of token ids) and options. */
+  static request(prompt, {
+    session = '', maxNewTokens = 128, temperature = 0.0, topK = 0, topP = null, seed = null,
+    stop = [], ignoreEos = false, logprobs = null,
+  } = {}) {
+    // A named session is continued, or created under that name if it does not exist.
+    const req = { sessionId: session, createSession: Boolean(session) };
+    if (typeof prompt === 'string') {
+      req.text = prompt;
+    } else if (prompt != null && typeof prompt[Symbol.iterator] === 'function') {
+      req.tokens = { ids: Array.from(prompt, Number) };
+    } else {
+      throw new TypeError('prompt must be a string or an array of token ids');
+    }
+    req.sampling = { temperature, topK };
+    if (topP != null) req.sampling.topP = topP;
+    if (seed != null) req.sampling.seed = seed;
+    req.stopping = { maxNewTokens, stop: Array.from(stop), ignoreEos };
+    if (logprobs != null) req.logprobs = logprobs;
+    return req;
+  }
+
+  /**
+   * Streams one turn's tokens as {id, text, logprob} (logprob is null unless requested); the
+   * Final message is left in `lastFinal`. An empty `session` creates a new one (its id is in
+   * lastFinal.sessionId). Breaking out of the loop cancels the call.
+   */
+  async *generate(prompt, opts = {}) {
+    const req = Client.request(prompt, opts);
+    this.lastFinal = null;
+    const call = this._stub.generate(req, this._metadata(req.sessionId), this._callOptions());
+    let finished = false;
+    try {
+      for await (const msg of call) {
+        if (msg.kind === 'chunk') {
+          for (const t of msg.chunk.tokens) {
+            yield { id: t.id, text: t.text, logprob: t.logprob === undefined ? null : t.logprob };
+          }
+        } else if (msg.kind === 'final') {
+          this.lastFinal = msg.final;
+        }
+      }
+      finished = true;
+    } finally {
+      if (!finished) {
+        call.on('error', () => {}); // the CANCELLED status that cancel() produces
+        call.cancel();
+      }
+    }
+    if (this.lastFinal === null) {
+      throw rpcError(grpc.status.INTERNAL, 'the Generate stream ended without a Final message');
+    }
+  }
+
+  /** generate() collected into {tokens, text, final}. */
+  async complete(prompt, opts = {}) {
+    const tokens = [];
+    let text = '';
+    for await (const piece of this.generate(prompt, opts)) {
+      tokens.push(piece.id);
+      text += piece.text;
+    }
+    const final = this.lastFinal;
+    return { tokens, text: text + final.text, final };
+  }
+
+  getSession(sessionId) {
+    return this._unary('getSession', { sessionId }, sessionId);
+  }
+
+  async deleteSession(sessionId) {
+    await this._unary('deleteSession', { sessionId }, sessionId);
+  }
+
+  async listSessions() {
+    return (await this._unary('listSessions', {})).sessions;
+  }
+
+  modelInfo() {
+    return this._unary('getModelInfo', {});
+  }
+}
+
+module.exports = { Client, grpc, PROTO_DIR, PROTO_FILE, LOADER_OPTIONS };
