@@ -11,7 +11,11 @@ packages=(
   libsentencepiece-dev libgtest-dev libgmock-dev libbenchmark-dev
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   python3-grpcio libcpp-httplib-dev openssl
+  nginx
 )
+
+# Node.js for the Node client's test: the machine's own (with its npm) when there is one.
+command -v node >/dev/null 2>&1 || packages+=(nodejs npm)
 
 missing=()
 for p in "${packages[@]}"; do

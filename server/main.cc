@@ -46,6 +46,9 @@ int main(int argc, char** argv) {
   app.add_option("--state-dir", o.state_dir,
                  "directory for session snapshots (restart without loss)")
       ->envname("RETNET_STATE_DIR");
+  app.add_flag("--state-dir-shared", o.state_dir_shared,
+               "replicas share --state-dir: restore sessions on first use, not at start")
+      ->envname("RETNET_STATE_DIR_SHARED");
   app.add_option("--snapshot-interval-s", snapshot_s, "periodic snapshot interval")
       ->envname("RETNET_SNAPSHOT_INTERVAL_S")
       ->capture_default_str();

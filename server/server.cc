@@ -92,7 +92,7 @@ std::vector<std::string> ListSnapshots(const std::string& dir) {
 
 }  // namespace
 
-struct Server::Impl {
+struct Server::Impl : public SessionStore {
   ServerOptions options;
   std::string checkpoint;
   std::shared_ptr<const model::RetNet> model;
@@ -110,11 +110,39 @@ struct Server::Impl {
   absl::Mutex mu;
   bool drained ABSL_GUARDED_BY(mu) = false;
   absl::Notification stop_housekeeping;
-  std::set<std::string> unrestorable;  // snapshot files that failed to restore (set before serving)
   std::thread housekeeping;
+  // Snapshot files of sessions this server held (wrote or restored): the only ones it may remove.
+  absl::Mutex store_mu;
+  std::set<std::string> owned ABSL_GUARDED_BY(store_mu);
 
+  std::string SnapshotName(const std::string& id) const { return HexEncode(id) + ".snap"; }
   std::string SnapshotPath(const std::string& id) const {
-    return options.state_dir + "/" + HexEncode(id) + ".snap";
+    return options.state_dir + "/" + SnapshotName(id);
+  }
+
+  bool RestoreMissing(const std::string& id) override {
+    if (options.state_dir.empty()) return false;
+    absl::MutexLock lock(&store_mu);
+    if (engine->GetSession(id).ok()) return true;  // a concurrent call restored it
+    auto data = ReadFile(SnapshotPath(id));
+    if (!data.ok()) return false;
+    auto info = engine->RestoreSession(*data, id);
+    if (!info.ok()) {
+      spdlog::warn("state dir: cannot restore {}: {}", SnapshotName(id),
+                   std::string(info.status().message()));
+      return false;
+    }
+    owned.insert(SnapshotName(id));
+    spdlog::info("restored session {} from {} (position {})", SnapshotName(id), options.state_dir,
+                 info->position);
+    return true;
+  }
+
+  bool Forget(const std::string& id) override {
+    if (options.state_dir.empty()) return false;
+    absl::MutexLock lock(&store_mu);
+    owned.erase(SnapshotName(id));
+    return std::remove(SnapshotPath(id).c_str()) == 0;
   }
 
   int64_t Restore() {
@@ -127,9 +155,10 @@ struct Server::Impl {
           data.ok() ? engine->RestoreSession(*data, id) : data.status();
       if (info.ok()) {
         ++restored;
+        absl::MutexLock lock(&store_mu);
+        owned.insert(name);
       } else {
-        // Kept on disk (never removed by SnapshotAll): a restart with the right model may want it.
-        unrestorable.insert(name);
+        // Not owned, so kept on disk: a restart with the right model may want it.
         spdlog::warn("state dir: skipping {}: {}", name, std::string(info.status().message()));
       }
     }
@@ -139,23 +168,30 @@ struct Server::Impl {
   int64_t SnapshotAll() {
     if (options.state_dir.empty()) return 0;
     int64_t written = 0;
+    absl::MutexLock lock(&store_mu);
     std::set<std::string> keep;
     for (const auto& info : engine->ListSessions()) {
-      const std::string path = SnapshotPath(info.id);
-      keep.insert(path.substr(options.state_dir.size() + 1));
+      const std::string name = SnapshotName(info.id);
+      keep.insert(name);
       if (info.generating) continue;  // its previous file (if any) stays until the next round
       auto snap = engine->SnapshotSession(info.id);
       if (!snap.ok()) continue;
-      absl::Status s = WriteFileAtomically(path, *snap);
+      absl::Status s = WriteFileAtomically(SnapshotPath(info.id), *snap);
       if (s.ok()) {
         ++written;
+        owned.insert(name);
       } else {
         spdlog::error("snapshot of a session failed: {}", std::string(s.message()));
       }
     }
-    for (const std::string& name : ListSnapshots(options.state_dir)) {
-      if (keep.count(name) == 0 && unrestorable.count(name) == 0) {
-        std::remove((options.state_dir + "/" + name).c_str());
+    // Sessions this server held that are gone now (expired or deleted): their files go too.
+    // Files of other replicas' sessions are never touched.
+    for (auto it = owned.begin(); it != owned.end();) {
+      if (keep.count(*it) == 0) {
+        std::remove((options.state_dir + "/" + *it).c_str());
+        it = owned.erase(it);
+      } else {
+        ++it;
       }
     }
     return written;
@@ -204,6 +240,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   so.dtype = options.dtype;
   so.snapshot_chunk_bytes = options.snapshot_chunk_bytes;
   so.metrics = &impl->metrics;
+  so.store = options.state_dir.empty() ? nullptr : impl.get();
   so.default_max_new_tokens = std::min(options.default_max_new_tokens, options.max_new_tokens);
   impl->service = std::make_unique<RetNetService>(&impl->keys, so);
 
@@ -255,8 +292,10 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
       return absl::InvalidArgumentError(
           absl::StrCat("state dir ", options.state_dir, ": ", std::strerror(errno)));
     }
-    const int64_t n = impl->Restore();
-    if (n > 0) spdlog::info("restored {} sessions from {}", n, options.state_dir);
+    if (!options.state_dir_shared) {  // shared: each session is restored where it is next used
+      const int64_t n = impl->Restore();
+      if (n > 0) spdlog::info("restored {} sessions from {}", n, options.state_dir);
+    }
   }
 
   impl->service->SetEngine(impl->engine.get());
@@ -306,17 +345,29 @@ void Server::Drain(absl::Duration grace) {
   auto* health = impl_->grpc_server->GetHealthCheckService();
   health->SetServingStatus(false);
   impl_->service->set_draining(true);
-  // Running streams get until the grace deadline, then are cancelled.
-  impl_->grpc_server->Shutdown(std::chrono::system_clock::now() + absl::ToChronoNanoseconds(grace));
-  impl_->grpc_server->Wait();
-  spdlog::info("drain: gRPC stopped");
   impl_->stop_housekeeping.Notify();
   if (impl_->housekeeping.joinable()) impl_->housekeeping.join();
-  // Cancelled streams cancelled their generations; the engine finishes them within an iteration.
-  if (!impl_->engine->WaitIdle(absl::Seconds(30))) spdlog::warn("drain: generations still running");
-  const int64_t n = impl_->SnapshotAll();
-  if (!impl_->options.state_dir.empty())
-    spdlog::info("drain: {} sessions saved to {}", n, impl_->options.state_dir);
+  // Still listening (new work gets UNAVAILABLE): running generations get the grace period.
+  const bool idle = impl_->engine->WaitIdle(grace);
+  if (idle) {
+    // Saved before the port closes: once a gateway can no longer reach this replica, the
+    // snapshots are already there for the next one.
+    const int64_t n = impl_->SnapshotAll();
+    if (!impl_->options.state_dir.empty())
+      spdlog::info("drain: {} sessions saved to {}", n, impl_->options.state_dir);
+  }
+  // Streams still open (idle chat streams, generations past the grace) are cancelled now.
+  impl_->grpc_server->Shutdown(std::chrono::system_clock::now());
+  impl_->grpc_server->Wait();
+  spdlog::info("drain: gRPC stopped");
+  if (!idle) {
+    // Cancelled streams cancelled their generations; the engine ends them within an iteration.
+    if (!impl_->engine->WaitIdle(absl::Seconds(30)))
+      spdlog::warn("drain: generations still running");
+    const int64_t n = impl_->SnapshotAll();
+    if (!impl_->options.state_dir.empty())
+      spdlog::info("drain: {} sessions saved to {}", n, impl_->options.state_dir);
+  }
   health->Shutdown();
   if (impl_->http) {
     impl_->http->stop();

@@ -5,9 +5,15 @@
 // grpc.health.v1 (NOT_SERVING while loading and draining) and server reflection.
 //
 // Restart without loss: Drain() reports NOT_SERVING, refuses new work (UNAVAILABLE), lets
-// running generations finish until the grace deadline, stops the gRPC server, and snapshots
-// every session to the state directory; Start() restores them. A periodic snapshot (every
+// running generations finish until the grace deadline, snapshots every session to the state
+// directory and only then stops the gRPC server (so a gateway that moves the session to another
+// replica finds the snapshot there); Start() restores them. A periodic snapshot (every
 // `snapshot_interval`) bounds what a crash can lose; files are written atomically.
+//
+// Replicas: several servers may share one state directory (`state_dir_shared`). A request for a
+// session this server does not hold restores it from the directory when a snapshot is there;
+// a deleted session's snapshot is removed; a server only ever removes snapshots of sessions it
+// held itself. With a shared directory nothing is restored eagerly at start.
 //
 // Threading: Start/Drain/Wait from the owning thread; the server runs on gRPC's threads, the
 // engine thread and one housekeeping thread.
@@ -32,7 +38,8 @@ struct ServerOptions {
   int64_t state_memory_bytes = 0;
   int64_t max_host_sessions = 1024;
   absl::Duration session_ttl = absl::Minutes(30);
-  std::string state_dir;  // empty = no persistence
+  std::string state_dir;          // empty = no persistence
+  bool state_dir_shared = false;  // other replicas use the same directory
   absl::Duration snapshot_interval = absl::Seconds(60);
   int64_t max_prompt_tokens = 32768;
   int64_t max_new_tokens = 4096;

@@ -383,6 +383,15 @@ void RetNetService::SetEngine(engine::Engine* engine) {
   ready_.store(true, std::memory_order_release);
 }
 
+absl::StatusOr<engine::SessionInfo> RetNetService::FindSession(const std::string& id) const {
+  absl::StatusOr<engine::SessionInfo> info = engine_->GetSession(id);
+  if (absl::IsNotFound(info.status()) && options_.store != nullptr &&
+      options_.store->RestoreMissing(id)) {
+    info = engine_->GetSession(id);
+  }
+  return info;
+}
+
 absl::StatusOr<std::string> RetNetService::Admit(const grpc::ServerContextBase& context) const {
   if (!ready_.load(std::memory_order_acquire)) {
     return absl::UnavailableError("server is loading the model; retry shortly");
@@ -413,7 +422,7 @@ absl::StatusOr<Turn> RetNetService::PrepareTurn(grpc::CallbackServerContext* con
     info = engine_->CreateSession(prefix + public_id);
     turn.created = true;
   } else {
-    info = engine_->GetSession(prefix + public_id);
+    info = FindSession(prefix + public_id);
     if (absl::IsNotFound(info.status()) && request.create_session()) {
       info = engine_->CreateSession(prefix + public_id);
       turn.created = true;
@@ -484,6 +493,9 @@ grpc::ServerUnaryReactor* RetNetService::CreateSession(grpc::CallbackServerConte
   absl::Status check = CheckSessionId(request->session_id(), "session_id");
   if (!check.ok()) return Reply(context, check);
   const std::string id = request->session_id().empty() ? RandomId() : request->session_id();
+  if (!request->session_id().empty() && FindSession(*caller + id).ok()) {
+    return Reply(context, absl::AlreadyExistsError(absl::StrCat("session '", id, "' exists")));
+  }
   auto info = engine_->CreateSession(*caller + id);
   if (info.ok()) ToProto(*info, *caller, response);
   return Reply(context, info.status());
@@ -494,7 +506,7 @@ grpc::ServerUnaryReactor* RetNetService::GetSession(grpc::CallbackServerContext*
                                                     v1::Session* response) {
   auto caller = Admit(*context);
   if (!caller.ok()) return Reply(context, caller.status());
-  auto info = engine_->GetSession(*caller + request->session_id());
+  auto info = FindSession(*caller + request->session_id());
   if (info.ok()) ToProto(*info, *caller, response);
   return Reply(context, info.status());
 }
@@ -520,6 +532,7 @@ grpc::ServerUnaryReactor* RetNetService::ForkSession(grpc::CallbackServerContext
   absl::Status check = CheckSessionId(request->new_session_id(), "new_session_id");
   if (!check.ok()) return Reply(context, check);
   const std::string id = request->new_session_id().empty() ? RandomId() : request->new_session_id();
+  (void)FindSession(*caller + request->session_id());
   auto info = engine_->ForkSession(*caller + request->session_id(), *caller + id);
   if (info.ok()) ToProto(*info, *caller, response);
   return Reply(context, info.status());
@@ -530,12 +543,18 @@ grpc::ServerUnaryReactor* RetNetService::DeleteSession(grpc::CallbackServerConte
                                                        v1::DeleteSessionResponse* response) {
   auto caller = Admit(*context);
   if (!caller.ok()) return Reply(context, caller.status());
-  return Reply(context, engine_->DeleteSession(*caller + request->session_id()));
+  const std::string id = *caller + request->session_id();
+  absl::Status deleted = engine_->DeleteSession(id);
+  // A session another replica left in the shared state directory is deleted there too.
+  const bool stored = options_.store != nullptr && options_.store->Forget(id);
+  if (absl::IsNotFound(deleted) && stored) deleted = absl::OkStatus();
+  return Reply(context, deleted);
 }
 
 grpc::ServerWriteReactor<v1::SnapshotChunk>* RetNetService::ExportSession(
     grpc::CallbackServerContext* context, const v1::ExportSessionRequest* request) {
   auto caller = Admit(*context);
+  if (caller.ok()) (void)FindSession(*caller + request->session_id());
   absl::StatusOr<std::string> snapshot =
       caller.ok() ? engine_->SnapshotSession(*caller + request->session_id()) : caller.status();
   if (!snapshot.ok()) {

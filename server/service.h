@@ -28,13 +28,28 @@ struct Turn {
   bool created = false;
 };
 
+// Where a session lives while no engine holds it: the state directory, which replicas may
+// share. The service asks it before answering NOT_FOUND, and tells it about deletions.
+// Implementations must be thread-safe (called from gRPC's threads).
+class SessionStore {
+ public:
+  virtual ~SessionStore() = default;
+  // Restores session `id` (internal, key-prefixed) into the engine if a snapshot of it is
+  // stored; true when the engine holds it afterwards.
+  virtual bool RestoreMissing(const std::string& id) = 0;
+  // The session was deleted: drop its stored snapshot, so that no replica revives it.
+  // True when there was one.
+  virtual bool Forget(const std::string& id) = 0;
+};
+
 struct ServiceOptions {
   std::string checkpoint;     // reported by GetModelInfo
   std::string device, dtype;  // reported by GetModelInfo
   int64_t default_max_new_tokens = 256;
   int64_t snapshot_chunk_bytes = 1 << 20;
   int64_t max_snapshot_bytes = int64_t{4} << 30;
-  Metrics* metrics = nullptr;  // not owned; may be null
+  Metrics* metrics = nullptr;     // not owned; may be null
+  SessionStore* store = nullptr;  // not owned; may be null (no state directory)
 };
 
 class RetNetService final : public retnet::v1::RetNet::CallbackService {
@@ -86,6 +101,9 @@ class RetNetService final : public retnet::v1::RetNet::CallbackService {
   absl::StatusOr<Turn> PrepareTurn(grpc::CallbackServerContext* context, const std::string& prefix,
                                    const retnet::v1::GenerateRequest& request,
                                    const std::string& fixed_session);
+
+  // The engine's session, restored from the store first if the engine does not hold it.
+  absl::StatusOr<engine::SessionInfo> FindSession(const std::string& id) const;
 
   // UNAVAILABLE while loading, then the caller's session-id prefix or UNAUTHENTICATED.
   absl::StatusOr<std::string> Admit(const grpc::ServerContextBase& context) const;

@@ -111,6 +111,15 @@ class Client:
         return self._stub.GetSession(pb.GetSessionRequest(session_id=session_id), timeout=self._timeout,
                                      metadata=self._routed(session_id))
 
+    def list_sessions(self) -> List["pb.Session"]:
+        return list(self._stub.ListSessions(pb.ListSessionsRequest(), timeout=self._timeout,
+                                            metadata=self._metadata).sessions)
+
+    def fork_session(self, session_id: str, new_session_id: str = "") -> "pb.Session":
+        """Copies a session (state, sampler, history); routed to the replica holding the source."""
+        return self._stub.ForkSession(pb.ForkSessionRequest(session_id=session_id, new_session_id=new_session_id),
+                                      timeout=self._timeout, metadata=self._routed(session_id))
+
     def delete_session(self, session_id: str) -> None:
         self._stub.DeleteSession(pb.DeleteSessionRequest(session_id=session_id), timeout=self._timeout,
                                  metadata=self._routed(session_id))

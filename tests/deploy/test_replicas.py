@@ -1,0 +1,242 @@
+"""Two retnet-server replicas behind a real nginx gateway, all on 127.0.0.1 with free ports.
+
+usage: test_replicas.py --server BIN --client BIN --stubs build/python --template deploy/nginx/retnet.conf.template
+
+The gateway is rendered from the same template the compose file and Kubernetes use. Checks:
+- many sessions through the gateway each stay on one replica (read from the replicas' own
+  session lists), turn after turn;
+- a bounded multi-turn load through the gateway completes without errors;
+- SIGTERM one replica while one of its sessions is generating: that generation completes, and
+  every conversation it held continues on the other replica with exactly the tokens it would have
+  produced (measured beforehand on forks made on the replica itself).
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+FAILURES = []
+
+
+def check(cond, what):
+    print(("ok   " if cond else "FAIL ") + what, flush=True)
+    if not cond:
+        FAILURES.append(what)
+    return cond
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class Replica:
+    def __init__(self, binary, tmp, name, state_dir):
+        self.name = name
+        self.port_file = os.path.join(tmp, name + ".port")
+        self.log = open(os.path.join(tmp, name + ".log"), "w")
+        self.proc = subprocess.Popen(
+            [binary, "--listen", "127.0.0.1:0", "--metrics-listen", "", "--port-file", self.port_file,
+             "--state-dir", state_dir, "--state-dir-shared", "--snapshot-interval-s", "3600",
+             "--drain-grace-s", "60", "--log-level", "info"], stdout=self.log, stderr=self.log)
+        for _ in range(3000):  # bounded: up to 30 s for the model to load
+            if os.path.exists(self.port_file):
+                break
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{name} exited early")
+            time.sleep(0.01)
+        self.port = int(open(self.port_file).read())
+        self.target = f"127.0.0.1:{self.port}"
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+class Gateway:
+    """nginx in the foreground with the project's template; retried on another port if taken."""
+
+    def __init__(self, nginx, template, tmp, upstreams):
+        self.prefix = os.path.join(tmp, "nginx")
+        os.makedirs(os.path.join(self.prefix, "logs"), exist_ok=True)
+        body = open(template).read()
+        for attempt in range(5):
+            self.port = free_port()
+            rendered = body.replace("${GATEWAY_LISTEN}", f"127.0.0.1:{self.port}")
+            for i, u in enumerate(upstreams):
+                rendered = rendered.replace("${RETNET_REPLICA_%d}" % i, u)
+            check("${" not in rendered, "gateway template fully rendered") if attempt == 0 else None
+            open(os.path.join(self.prefix, "retnet.conf"), "w").write(rendered)
+            user = "user root;\n" if os.geteuid() == 0 else ""
+            open(os.path.join(self.prefix, "nginx.conf"), "w").write(
+                f"{user}worker_processes 1;\ndaemon off;\npid {self.prefix}/nginx.pid;\n"
+                f"error_log {self.prefix}/logs/error.log info;\nevents {{ worker_connections 1024; }}\n"
+                f"http {{\n  access_log {self.prefix}/logs/access.log;\n"
+                f"  client_body_temp_path {self.prefix}/body;\n  proxy_temp_path {self.prefix}/proxy;\n"
+                f"  fastcgi_temp_path {self.prefix}/fastcgi;\n  uwsgi_temp_path {self.prefix}/uwsgi;\n"
+                f"  scgi_temp_path {self.prefix}/scgi;\n  include {self.prefix}/retnet.conf;\n}}\n")
+            self.proc = subprocess.Popen([nginx, "-p", self.prefix, "-c", f"{self.prefix}/nginx.conf"],
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            for _ in range(500):  # bounded: up to 5 s for nginx to listen
+                if self.proc.poll() is not None:
+                    break
+                try:
+                    socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                    self.target = f"127.0.0.1:{self.port}"
+                    return
+                except OSError:
+                    time.sleep(0.01)
+            err = self.proc.stderr.read().decode() if self.proc.poll() is not None else ""
+            self.stop()
+            if "Address already in use" not in err:
+                raise RuntimeError(f"nginx did not start: {err}")
+        raise RuntimeError("nginx: no free port after 5 attempts")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGQUIT)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--server", required=True)
+    ap.add_argument("--client", required=True)
+    ap.add_argument("--stubs", required=True)
+    ap.add_argument("--template", required=True)
+    ap.add_argument("--nginx", default=shutil.which("nginx") or "/usr/sbin/nginx")
+    args = ap.parse_args()
+    sys.path[:0] = [args.stubs, os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../client/python")]
+    import grpc
+    from retnet_client import Client
+
+    tmp = tempfile.mkdtemp(prefix="retnet-replicas-")
+    state = os.path.join(tmp, "state")
+    replicas = [Replica(args.server, tmp, f"replica{i}", state) for i in range(2)]
+    gw = None
+    try:
+        gw = Gateway(args.nginx, args.template, tmp, [r.target for r in replicas])
+        direct = [Client(r.target) for r in replicas]
+        via = Client(gw.target)
+
+        def holders(which=(0, 1)):
+            """Each replica's own session list: id -> position."""
+            return [{s.session_id: s.position for s in direct[i].list_sessions()} for i in which]
+
+        def greedy(c, prompt, session, n):
+            return c.complete(prompt, session=session, max_new_tokens=n, ignore_eos=True)
+
+        # 1. Many sessions, two turns each, all through the gateway.
+        ids = [f"conv-{i}" for i in range(24)]
+        prompts = ["In the beginning", " and God said", ", and the"]
+        outputs = {sid: [] for sid in ids}
+        for turn in range(2):
+            for sid in ids:
+                r = greedy(via, prompts[turn], sid, 8)
+                assert len(r.tokens) == 8, r
+                outputs[sid].append(r.tokens)
+            held = holders()
+            on = [sum(sid in h for h in held) for sid in ids]
+            check(all(n == 1 for n in on), f"turn {turn + 1}: every session is held by exactly one replica")
+        where = {sid: (0 if sid in held[0] else 1) for sid in ids}
+        check(0 < sum(where.values()) < len(ids), f"both replicas hold sessions ({sum(v == 0 for v in where.values())}"
+              f" / {sum(where.values())})")
+        check(all(held[where[s]][s] == 1 + 16 + 8 + 13 + 8 - 1 for s in ids),
+              "each session's position on its replica counts both turns")
+
+        # 2. A bounded multi-turn load through the gateway.
+        bench = subprocess.run([args.client, "--target", gw.target, "bench", "-c", "4", "-n", "40", "--turns", "2",
+                                "--prompt-tokens", "8:24", "--output-tokens", "8", "--json", "-"],
+                               capture_output=True, text=True, timeout=300)
+        rep = json.loads(bench.stdout) if bench.returncode == 0 else {}
+        check(rep.get("requests", {}).get("completed") == 40 and rep.get("errors") == {},
+              f"bench through the gateway: 40 requests, no errors ({rep.get('errors')})")
+
+        # 3. What the sessions of replica 0 will say next, measured on forks made on replica 0.
+        victim, survivor = 0, 1
+        moving = [s for s in ids if where[s] == victim]
+        expected = {}
+        for sid in moving:
+            direct[victim].fork_session(sid, "probe-" + sid)
+            expected[sid] = greedy(direct[victim], prompts[2], "probe-" + sid, 12).tokens
+            direct[victim].delete_session("probe-" + sid)
+
+        # 4. SIGTERM replica 0 while one of its sessions is generating (through the gateway).
+        busy = moving[0]
+        pieces = via.generate(" Amen", session=busy, max_new_tokens=200, ignore_eos=True)
+        got = [next(pieces).id]
+        replicas[victim].proc.send_signal(signal.SIGTERM)
+        got += [p.id for p in pieces]
+        check(len(got) == 200 and via.last_final is not None, "the generation running at SIGTERM completes")
+        replicas[victim].proc.wait(timeout=90)
+        check(replicas[victim].proc.returncode == 0, "the drained replica exits cleanly")
+        snaps = [f for f in os.listdir(state) if f.endswith(".snap")]
+        check(len(snaps) >= len(moving), f"the drained replica saved its sessions ({len(snaps)} files)")
+
+        # 5. Every conversation continues through the gateway; the moved ones on the survivor, exactly.
+        cont = {sid: greedy(via, prompts[2], sid, 12).tokens for sid in ids if sid != busy}
+        check(all(cont[s] == expected[s] for s in moving if s != busy),
+              f"{len(moving) - 1} moved conversations continue with exactly the tokens they would have produced")
+        check(all(len(cont[s]) == 12 for s in ids if s != busy), "every other conversation continues too")
+        # The busy session: restored on first use; its drained turn is in the state.
+        moved = via.session(busy)
+        check(moved.position == held[victim][busy] + 1 + len(" Amen") + 199,
+              "the session that was generating at SIGTERM kept that whole turn")
+        # Its next turn equals one pass over its whole conversation (prompts and outputs as ids).
+        convo = []
+        for turn in range(2):
+            convo += list(prompts[turn].encode()) + outputs[busy][turn]
+        convo += list(" Amen".encode()) + got + list(prompts[2].encode())
+        ref = greedy(direct[survivor], convo, "reference-busy", 12).tokens
+        nxt = greedy(via, prompts[2], busy, 12).tokens
+        check(nxt == ref, "and continues with exactly the tokens of one pass over its conversation")
+        after = holders([survivor])[0]
+        check(all(s in after for s in ids), "the surviving replica now holds every session")
+        # Deleting a moved session removes its snapshot too: no replica can revive it.
+        gone = moving[1]
+        via.delete_session(gone)
+        try:
+            via.session(gone)
+            revived = True
+        except grpc.RpcError as e:
+            revived = e.code() != grpc.StatusCode.NOT_FOUND
+        check(not revived and gone.encode().hex() + ".snap" not in os.listdir(state),
+              "a deleted session's snapshot is removed from the shared directory")
+        via.close()
+        for c in direct:
+            c.close()
+    finally:
+        if gw is not None:
+            gw.stop()
+        for r in replicas:
+            r.stop()
+        if FAILURES:
+            for r in replicas:
+                print(f"--- {r.name} log ---\n" + open(os.path.join(tmp, r.name + ".log")).read()[-3000:])
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"{len(FAILURES)} failure(s)" if FAILURES else "all checks passed")
+    return 1 if FAILURES else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
