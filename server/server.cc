@@ -1,20 +1,12 @@
 #include "server/server.h"
 
-#include <dirent.h>
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
 #include <httplib.h>
 #include <spdlog/spdlog.h>
-#include <sys/stat.h>
 
 #include <atomic>
-#include <cerrno>
-#include <cstdio>
-#include <cstring>
-#include <fstream>
-#include <set>
-#include <sstream>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -27,72 +19,11 @@
 #include "server/auth.h"
 #include "server/metrics.h"
 #include "server/service.h"
+#include "server/state_dir.h"
 
 namespace retnet::server {
-namespace {
 
-// Session ids may hold '/' (key tags): file names use hex.
-std::string HexEncode(const std::string& s) {
-  static constexpr char kHex[] = "0123456789abcdef";
-  std::string out;
-  for (unsigned char c : s) {
-    out.push_back(kHex[c >> 4]);
-    out.push_back(kHex[c & 15]);
-  }
-  return out;
-}
-
-bool HexDecode(const std::string& s, std::string* out) {
-  if (s.size() % 2 != 0) return false;
-  out->clear();
-  for (size_t i = 0; i < s.size(); i += 2) {
-    auto nib = [](char c) {
-      return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
-    };
-    const int hi = nib(s[i]), lo = nib(s[i + 1]);
-    if (hi < 0 || lo < 0) return false;
-    out->push_back(static_cast<char>(hi * 16 + lo));
-  }
-  return true;
-}
-
-absl::StatusOr<std::string> ReadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat(path, ": cannot open"));
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
-absl::Status WriteFileAtomically(const std::string& path, const std::string& data) {
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    out.write(data.data(), static_cast<std::streamsize>(data.size()));
-    out.flush();
-    if (!out) return absl::InternalError(absl::StrCat(tmp, ": write failed"));
-  }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-    return absl::InternalError(absl::StrCat(path, ": rename failed: ", std::strerror(errno)));
-  }
-  return absl::OkStatus();
-}
-
-std::vector<std::string> ListSnapshots(const std::string& dir) {
-  std::vector<std::string> names;
-  if (DIR* d = ::opendir(dir.c_str())) {
-    while (dirent* e = ::readdir(d)) {
-      std::string name = e->d_name;
-      if (name.size() > 5 && name.compare(name.size() - 5, 5, ".snap") == 0) names.push_back(name);
-    }
-    ::closedir(d);
-  }
-  return names;
-}
-
-}  // namespace
-
-struct Server::Impl : public SessionStore {
+struct Server::Impl {
   ServerOptions options;
   std::string checkpoint;
   std::shared_ptr<const model::RetNet> model;
@@ -106,95 +37,17 @@ struct Server::Impl : public SessionStore {
   std::unique_ptr<httplib::Server> http;
   std::thread http_thread;
   int metrics_port = 0;
+  std::unique_ptr<StateDirectory> state;  // null without --state-dir
 
   absl::Mutex mu;
   bool drained ABSL_GUARDED_BY(mu) = false;
   absl::Notification stop_housekeeping;
   std::thread housekeeping;
-  // Snapshot files of sessions this server held (wrote or restored): the only ones it may remove.
-  absl::Mutex store_mu;
-  std::set<std::string> owned ABSL_GUARDED_BY(store_mu);
 
-  std::string SnapshotName(const std::string& id) const { return HexEncode(id) + ".snap"; }
-  std::string SnapshotPath(const std::string& id) const {
-    return options.state_dir + "/" + SnapshotName(id);
-  }
+  int64_t SnapshotAll() { return state ? state->SaveAll() : 0; }
 
-  bool RestoreMissing(const std::string& id) override {
-    if (options.state_dir.empty()) return false;
-    absl::MutexLock lock(&store_mu);
-    if (engine->GetSession(id).ok()) return true;  // a concurrent call restored it
-    auto data = ReadFile(SnapshotPath(id));
-    if (!data.ok()) return false;
-    auto info = engine->RestoreSession(*data, id);
-    if (!info.ok()) {
-      spdlog::warn("state dir: cannot restore {}: {}", SnapshotName(id),
-                   std::string(info.status().message()));
-      return false;
-    }
-    owned.insert(SnapshotName(id));
-    spdlog::info("restored session {} from {} (position {})", SnapshotName(id), options.state_dir,
-                 info->position);
-    return true;
-  }
-
-  bool Forget(const std::string& id) override {
-    if (options.state_dir.empty()) return false;
-    absl::MutexLock lock(&store_mu);
-    owned.erase(SnapshotName(id));
-    return std::remove(SnapshotPath(id).c_str()) == 0;
-  }
-
-  int64_t Restore() {
-    int64_t restored = 0;
-    for (const std::string& name : ListSnapshots(options.state_dir)) {
-      std::string id;
-      if (!HexDecode(name.substr(0, name.size() - 5), &id)) continue;
-      auto data = ReadFile(options.state_dir + "/" + name);
-      absl::StatusOr<engine::SessionInfo> info =
-          data.ok() ? engine->RestoreSession(*data, id) : data.status();
-      if (info.ok()) {
-        ++restored;
-        absl::MutexLock lock(&store_mu);
-        owned.insert(name);
-      } else {
-        // Not owned, so kept on disk: a restart with the right model may want it.
-        spdlog::warn("state dir: skipping {}: {}", name, std::string(info.status().message()));
-      }
-    }
-    return restored;
-  }
-
-  int64_t SnapshotAll() {
-    if (options.state_dir.empty()) return 0;
-    int64_t written = 0;
-    absl::MutexLock lock(&store_mu);
-    std::set<std::string> keep;
-    for (const auto& info : engine->ListSessions()) {
-      const std::string name = SnapshotName(info.id);
-      keep.insert(name);
-      if (info.generating) continue;  // its previous file (if any) stays until the next round
-      auto snap = engine->SnapshotSession(info.id);
-      if (!snap.ok()) continue;
-      absl::Status s = WriteFileAtomically(SnapshotPath(info.id), *snap);
-      if (s.ok()) {
-        ++written;
-        owned.insert(name);
-      } else {
-        spdlog::error("snapshot of a session failed: {}", std::string(s.message()));
-      }
-    }
-    // Sessions this server held that are gone now (expired or deleted): their files go too.
-    // Files of other replicas' sessions are never touched.
-    for (auto it = owned.begin(); it != owned.end();) {
-      if (keep.count(*it) == 0) {
-        std::remove((options.state_dir + "/" + *it).c_str());
-        it = owned.erase(it);
-      } else {
-        ++it;
-      }
-    }
-    return written;
+  void LogSaved(int64_t n) {
+    if (state) spdlog::info("drain: {} sessions saved to {}", n, state->dir());
   }
 };
 
@@ -240,7 +93,6 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   so.dtype = options.dtype;
   so.snapshot_chunk_bytes = options.snapshot_chunk_bytes;
   so.metrics = &impl->metrics;
-  so.store = options.state_dir.empty() ? nullptr : impl.get();
   so.default_max_new_tokens = std::min(options.default_max_new_tokens, options.max_new_tokens);
   impl->service = std::make_unique<RetNetService>(&impl->keys, so);
 
@@ -249,8 +101,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   grpc::ServerBuilder builder;
   std::shared_ptr<grpc::ServerCredentials> creds = grpc::InsecureServerCredentials();
   if (!options.tls_cert.empty()) {
-    ASSIGN_OR_RETURN(std::string cert, ReadFile(options.tls_cert));
-    ASSIGN_OR_RETURN(std::string key, ReadFile(options.tls_key));
+    ASSIGN_OR_RETURN(std::string cert, ReadFileToString(options.tls_cert));
+    ASSIGN_OR_RETURN(std::string key, ReadFileToString(options.tls_key));
     grpc::SslServerCredentialsOptions ssl;
     ssl.pem_key_cert_pairs.push_back({key, cert});
     creds = grpc::SslServerCredentials(ssl);
@@ -288,17 +140,15 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   ASSIGN_OR_RETURN(impl->engine, engine::Engine::Create(impl->model, std::move(tokenizer), eo));
 
   if (!options.state_dir.empty()) {
-    if (::mkdir(options.state_dir.c_str(), 0755) != 0 && errno != EEXIST) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("state dir ", options.state_dir, ": ", std::strerror(errno)));
-    }
+    ASSIGN_OR_RETURN(impl->state, StateDirectory::Open(options.state_dir, options.state_dir_shared,
+                                                       impl->engine.get()));
     if (!options.state_dir_shared) {  // shared: each session is restored where it is next used
-      const int64_t n = impl->Restore();
+      const int64_t n = impl->state->RestoreAll();
       if (n > 0) spdlog::info("restored {} sessions from {}", n, options.state_dir);
     }
   }
 
-  impl->service->SetEngine(impl->engine.get());
+  impl->service->SetEngine(impl->engine.get(), impl->state.get());
   health->SetServingStatus(true);
   health->SetServingStatus("retnet.v1.RetNet", true);
 
@@ -349,13 +199,9 @@ void Server::Drain(absl::Duration grace) {
   if (impl_->housekeeping.joinable()) impl_->housekeeping.join();
   // Still listening (new work gets UNAVAILABLE): running generations get the grace period.
   const bool idle = impl_->engine->WaitIdle(grace);
-  if (idle) {
-    // Saved before the port closes: once a gateway can no longer reach this replica, the
-    // snapshots are already there for the next one.
-    const int64_t n = impl_->SnapshotAll();
-    if (!impl_->options.state_dir.empty())
-      spdlog::info("drain: {} sessions saved to {}", n, impl_->options.state_dir);
-  }
+  // Saved before the port closes: once a gateway can no longer reach this replica, the
+  // snapshots are already there for the next one (sessions still generating are saved below).
+  impl_->LogSaved(impl_->SnapshotAll());
   // Streams still open (idle chat streams, generations past the grace) are cancelled now.
   impl_->grpc_server->Shutdown(std::chrono::system_clock::now());
   impl_->grpc_server->Wait();
@@ -364,10 +210,9 @@ void Server::Drain(absl::Duration grace) {
     // Cancelled streams cancelled their generations; the engine ends them within an iteration.
     if (!impl_->engine->WaitIdle(absl::Seconds(30)))
       spdlog::warn("drain: generations still running");
-    const int64_t n = impl_->SnapshotAll();
-    if (!impl_->options.state_dir.empty())
-      spdlog::info("drain: {} sessions saved to {}", n, impl_->options.state_dir);
+    impl_->LogSaved(impl_->SnapshotAll());
   }
+  if (impl_->state) impl_->state->StopWriter();
   health->Shutdown();
   if (impl_->http) {
     impl_->http->stop();

@@ -91,9 +91,11 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
     Pump();
   }
 
-  GenerateReactor(engine::Engine* engine, Turn turn, Metrics* metrics) {
+  GenerateReactor(engine::Engine* engine, Turn turn, Metrics* metrics,
+                  const TurnStream::Persist& persist) {
     stream_ = std::make_shared<TurnStream>(turn.public_id, engine->model_state_bytes(), metrics);
     stream_->Attach([this] { Pump(); });
+    if (persist) stream_->SetPersist(persist);
     const std::string internal_id = turn.request.session_id;
     auto generation = engine->Submit(std::move(turn.request), stream_);
     if (!generation.ok()) {
@@ -159,9 +161,13 @@ class ChatReactor final : public grpc::ServerBidiReactor<v1::ChatRequest, v1::Ge
  public:
   using Prepare =
       std::function<absl::StatusOr<Turn>(const v1::GenerateRequest&, const std::string& session)>;
+  using PersistFor = std::function<TurnStream::Persist(const std::string& internal_id)>;
 
-  ChatReactor(engine::Engine* engine, Prepare prepare, Metrics* metrics)
-      : engine_(engine), prepare_(std::move(prepare)), metrics_(metrics) {
+  ChatReactor(engine::Engine* engine, Prepare prepare, PersistFor persist_for, Metrics* metrics)
+      : engine_(engine),
+        prepare_(std::move(prepare)),
+        persist_for_(std::move(persist_for)),
+        metrics_(metrics) {
     StartRead(&in_);
   }
 
@@ -193,6 +199,7 @@ class ChatReactor final : public grpc::ServerBidiReactor<v1::ChatRequest, v1::Ge
         std::make_shared<TurnStream>(turn->public_id, engine_->model_state_bytes(), metrics_);
     stream->Attach([this] { Pump(); });
     const std::string internal_id = turn->request.session_id;
+    if (TurnStream::Persist persist = persist_for_(internal_id)) stream->SetPersist(persist);
     {
       absl::MutexLock lock(&mu_);
       if (session_.empty()) session_ = turn->public_id;
@@ -285,6 +292,7 @@ class ChatReactor final : public grpc::ServerBidiReactor<v1::ChatRequest, v1::Ge
 
   engine::Engine* const engine_;
   const Prepare prepare_;
+  const PersistFor persist_for_;
   Metrics* const metrics_;
   absl::Mutex mu_;
   std::string session_ ABSL_GUARDED_BY(mu_);
@@ -378,18 +386,21 @@ class ImportReactor final : public grpc::ServerReadReactor<v1::ImportSessionRequ
 RetNetService::RetNetService(const ApiKeys* keys, ServiceOptions options)
     : keys_(keys), options_(std::move(options)) {}
 
-void RetNetService::SetEngine(engine::Engine* engine) {
+void RetNetService::SetEngine(engine::Engine* engine, SessionStore* store) {
   engine_ = engine;
+  store_ = store;
   ready_.store(true, std::memory_order_release);
 }
 
 absl::StatusOr<engine::SessionInfo> RetNetService::FindSession(const std::string& id) const {
-  absl::StatusOr<engine::SessionInfo> info = engine_->GetSession(id);
-  if (absl::IsNotFound(info.status()) && options_.store != nullptr &&
-      options_.store->RestoreMissing(id)) {
-    info = engine_->GetSession(id);
-  }
-  return info;
+  if (store_ != nullptr) store_->Sync(id);
+  return engine_->GetSession(id);
+}
+
+TurnStream::Persist RetNetService::PersistFor(const std::string& id) const {
+  if (store_ == nullptr || !store_->write_through()) return nullptr;
+  SessionStore* store = store_;
+  return [store, id](std::function<void()> release) { store->Persist(id, std::move(release)); };
 }
 
 absl::StatusOr<std::string> RetNetService::Admit(const grpc::ServerContextBase& context) const {
@@ -461,7 +472,8 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* RetNetService::Generate(
   if (!caller.ok()) return new GenerateReactor(caller.status(), options_.metrics);
   auto turn = PrepareTurn(context, *caller, *request, "");
   if (!turn.ok()) return new GenerateReactor(turn.status(), options_.metrics);
-  return new GenerateReactor(engine_, *std::move(turn), options_.metrics);
+  const std::string id = turn->request.session_id;
+  return new GenerateReactor(engine_, *std::move(turn), options_.metrics, PersistFor(id));
 }
 
 grpc::ServerBidiReactor<v1::ChatRequest, v1::GenerateResponse>* RetNetService::Chat(
@@ -481,7 +493,7 @@ grpc::ServerBidiReactor<v1::ChatRequest, v1::GenerateResponse>* RetNetService::C
       [this, context, prefix](const v1::GenerateRequest& turn, const std::string& session) {
         return PrepareTurn(context, prefix, turn, session);
       },
-      options_.metrics);
+      [this](const std::string& id) { return PersistFor(id); }, options_.metrics);
 }
 
 grpc::ServerUnaryReactor* RetNetService::CreateSession(grpc::CallbackServerContext* context,
@@ -546,7 +558,7 @@ grpc::ServerUnaryReactor* RetNetService::DeleteSession(grpc::CallbackServerConte
   const std::string id = *caller + request->session_id();
   absl::Status deleted = engine_->DeleteSession(id);
   // A session another replica left in the shared state directory is deleted there too.
-  const bool stored = options_.store != nullptr && options_.store->Forget(id);
+  const bool stored = store_ != nullptr && store_->Forget(id);
   if (absl::IsNotFound(deleted) && stored) deleted = absl::OkStatus();
   return Reply(context, deleted);
 }

@@ -12,12 +12,14 @@
 #define RETNET_SERVER_SERVICE_H_
 
 #include <atomic>
+#include <functional>
 #include <string>
 
 #include "engine/engine.h"
 #include "retnet/v1/retnet.grpc.pb.h"
 #include "server/auth.h"
 #include "server/metrics.h"
+#include "server/turn_stream.h"
 
 namespace retnet::server {
 
@@ -28,18 +30,24 @@ struct Turn {
   bool created = false;
 };
 
-// Where a session lives while no engine holds it: the state directory, which replicas may
-// share. The service asks it before answering NOT_FOUND, and tells it about deletions.
-// Implementations must be thread-safe (called from gRPC's threads).
+// Where sessions live outside the engine: the state directory, which replicas may share. The
+// service syncs a session with it before using it, tells it about deletions and, with write-
+// through, has each turn saved before the turn's end reaches the client. Implementations must be
+// thread-safe (called from gRPC's threads and the engine thread).
 class SessionStore {
  public:
   virtual ~SessionStore() = default;
-  // Restores session `id` (internal, key-prefixed) into the engine if a snapshot of it is
-  // stored; true when the engine holds it afterwards.
-  virtual bool RestoreMissing(const std::string& id) = 0;
-  // The session was deleted: drop its stored snapshot, so that no replica revives it.
-  // True when there was one.
+  // Makes the engine's copy of session `id` (internal, key-prefixed) current: restores it when
+  // the engine does not hold it and a snapshot is stored; with a shared store, replaces or drops
+  // the engine's copy when another replica has saved or deleted the session since.
+  virtual void Sync(const std::string& id) = 0;
+  // The session was deleted: drop its stored snapshot, so that no replica revives it. True when
+  // there was one.
   virtual bool Forget(const std::string& id) = 0;
+  // Whether every turn is saved before its end is sent (replicas sharing the store).
+  virtual bool write_through() const = 0;
+  // Saves session `id` (off the calling thread), then calls `done`.
+  virtual void Persist(const std::string& id, std::function<void()> done) = 0;
 };
 
 struct ServiceOptions {
@@ -56,8 +64,9 @@ class RetNetService final : public retnet::v1::RetNet::CallbackService {
  public:
   // The service answers UNAVAILABLE ("loading") until SetEngine() is called.
   RetNetService(const ApiKeys* keys, ServiceOptions options);
-  // Once, when the model is loaded; `engine` must outlive the server.
-  void SetEngine(engine::Engine* engine);
+  // Once, when the model is loaded; `engine` and `store` (may be null: no state directory) must
+  // outlive the server.
+  void SetEngine(engine::Engine* engine, SessionStore* store = nullptr);
 
   // While draining, new work is refused with UNAVAILABLE.
   void set_draining(bool draining) { draining_.store(draining); }
@@ -102,13 +111,17 @@ class RetNetService final : public retnet::v1::RetNet::CallbackService {
                                    const retnet::v1::GenerateRequest& request,
                                    const std::string& fixed_session);
 
-  // The engine's session, restored from the store first if the engine does not hold it.
+  // The engine's session, synced with the store first.
   absl::StatusOr<engine::SessionInfo> FindSession(const std::string& id) const;
+
+  // The write-through hook for a turn on session `id`; empty without write-through.
+  TurnStream::Persist PersistFor(const std::string& id) const;
 
   // UNAVAILABLE while loading, then the caller's session-id prefix or UNAUTHENTICATED.
   absl::StatusOr<std::string> Admit(const grpc::ServerContextBase& context) const;
 
   engine::Engine* engine_ = nullptr;  // written once before ready_ is set
+  SessionStore* store_ = nullptr;     // likewise
   std::atomic<bool> ready_{false};
   const ApiKeys* const keys_;
   const ServiceOptions options_;

@@ -34,7 +34,7 @@ retnet::v1::FinishReason ToProto(engine::FinishReason r);
 // One turn's output on its way from the engine thread to a stream: tokens accumulate while a
 // write is in flight and leave as one merged TokenChunk; the turn ends with a Final message or
 // an error status. Not a reactor itself: the Generate and Chat reactors drive it.
-class TurnStream : public engine::TokenSink {
+class TurnStream : public engine::TokenSink, public std::enable_shared_from_this<TurnStream> {
  public:
   // What the reactor must do next (computed under the lock, done outside it).
   enum class Action { kNothing, kWriteChunk, kWriteFinal, kEndWithStatus };
@@ -52,6 +52,13 @@ class TurnStream : public engine::TokenSink {
   void Detach() {
     absl::MutexLock lock(&wake_mu_);
     wake_ = nullptr;
+  }
+  // Write-through persistence: when the turn ends, its end (Final or status) is held back until
+  // `persist` has saved the session and called the function it is given. Set before Submit.
+  using Persist = std::function<void(std::function<void()> release)>;
+  void SetPersist(Persist persist) {
+    absl::MutexLock lock(&mu_);
+    persist_ = std::move(persist);
   }
   void SetGeneration(std::shared_ptr<engine::Generation> g) {
     absl::MutexLock lock(&mu_);
@@ -75,8 +82,21 @@ class TurnStream : public engine::TokenSink {
     Wake();
   }
   void OnFinish(engine::Finish f) override {
-    End(std::move(f));
-    Wake();
+    Persist persist = End(std::move(f));
+    if (!persist) {
+      Wake();
+      return;
+    }
+    std::weak_ptr<TurnStream> weak = weak_from_this();
+    persist([weak] {
+      if (auto self = weak.lock()) {
+        {
+          absl::MutexLock lock(&self->mu_);
+          self->held_ = false;
+        }
+        self->Wake();
+      }
+    });
   }
 
  private:
@@ -109,7 +129,8 @@ class TurnStream : public engine::TokenSink {
     }
   }
 
-  void End(engine::Finish f) {
+  // Returns the persist hook when the end must wait for it.
+  Persist End(engine::Finish f) {
     absl::MutexLock lock(&mu_);
     if (f.reason == engine::FinishReason::kError) {
       end_status_ = ToGrpc(f.status);
@@ -143,6 +164,8 @@ class TurnStream : public engine::TokenSink {
       metrics_->ObserveRequestLatency(absl::ToDoubleSeconds(absl::Now() - arrival_));
       metrics_->CountRequest(StatusCodeName(end_status_.error_code()));
     }
+    held_ = static_cast<bool>(persist_);
+    return persist_;
   }
 
  public:
@@ -156,7 +179,7 @@ class TurnStream : public engine::TokenSink {
       pending_.Clear();
       return Action::kWriteChunk;
     }
-    if (!ended_) return Action::kNothing;
+    if (!ended_ || held_) return Action::kNothing;
     over_ = true;
     if (final_ && !client_gone_) {
       *out = std::move(*final_);
@@ -177,6 +200,8 @@ class TurnStream : public engine::TokenSink {
   std::function<void()> wake_ ABSL_GUARDED_BY(wake_mu_);
   absl::Mutex mu_;
   std::shared_ptr<engine::Generation> generation_ ABSL_GUARDED_BY(mu_);
+  Persist persist_ ABSL_GUARDED_BY(mu_);
+  bool held_ ABSL_GUARDED_BY(mu_) = false;  // the end waits for persist_
   retnet::v1::TokenChunk pending_ ABSL_GUARDED_BY(mu_);
   std::optional<retnet::v1::GenerateResponse> final_ ABSL_GUARDED_BY(mu_);
   std::optional<absl::Time> first_token_ ABSL_GUARDED_BY(mu_);

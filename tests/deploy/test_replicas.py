@@ -222,6 +222,34 @@ def main():
             revived = e.code() != grpc.StatusCode.NOT_FOUND
         check(not revived and gone.encode().hex() + ".snap" not in os.listdir(state),
               "a deleted session's snapshot is removed from the shared directory")
+
+        # 6. Hand-back: the drained replica comes back (same shared directory) and sessions move
+        #    between the two by hand. Each turn is saved before its end is sent (write-through),
+        #    and a replica whose copy another replica has superseded replaces it.
+        replicas[victim].stop()
+        replicas[victim] = Replica(args.server, tmp, "replica0-restarted", state)
+        back = Client(replicas[victim].target)
+        s1 = moving[2]
+        direct[survivor].fork_session(s1, "probe-s1")
+        want = greedy(direct[survivor], " Selah", "probe-s1", 10).tokens
+        direct[survivor].delete_session("probe-s1")
+        check(greedy(back, " Selah", s1, 10).tokens == want,
+              "a session moved back continues from the other replica's latest turn (write-through)")
+        back.fork_session(s1, "probe-s1b")
+        want = greedy(back, " Amen", "probe-s1b", 10).tokens
+        back.delete_session("probe-s1b")
+        check(greedy(direct[survivor], " Amen", s1, 10).tokens == want,
+              "a replica holding a superseded copy replaces it with the newer one")
+        s2 = moving[3]
+        greedy(back, " and", s2, 4)  # now back holds s2 too, and so does the survivor
+        back.delete_session(s2)
+        try:
+            direct[survivor].session(s2)
+            dropped = False
+        except grpc.RpcError as e:
+            dropped = e.code() == grpc.StatusCode.NOT_FOUND
+        check(dropped, "a session deleted on one replica is gone on the other too")
+        back.close()
         via.close()
         for c in direct:
             c.close()
