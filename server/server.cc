@@ -198,12 +198,16 @@ void Server::Drain(absl::Duration grace) {
   impl_->stop_housekeeping.Notify();
   if (impl_->housekeeping.joinable()) impl_->housekeeping.join();
   // Still listening (new work gets UNAVAILABLE): running generations get the grace period.
+  const absl::Time grace_end = absl::Now() + grace;
   const bool idle = impl_->engine->WaitIdle(grace);
+  if (impl_->state) impl_->state->Flush();  // ended turns whose end waits for their save
   // Saved before the port closes: once a gateway can no longer reach this replica, the
   // snapshots are already there for the next one (sessions still generating are saved below).
   impl_->LogSaved(impl_->SnapshotAll());
-  // Streams still open (idle chat streams, generations past the grace) are cancelled now.
-  impl_->grpc_server->Shutdown(std::chrono::system_clock::now());
+  // Ended turns get a moment to deliver their last message; streams still open after that (idle
+  // chat streams, generations past the grace) are cancelled.
+  impl_->grpc_server->Shutdown(absl::ToChronoTime(
+      std::max(absl::Now(), std::min(grace_end, absl::Now() + absl::Seconds(2)))));
   impl_->grpc_server->Wait();
   spdlog::info("drain: gRPC stopped");
   if (!idle) {

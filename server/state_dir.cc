@@ -258,6 +258,7 @@ void StateDirectory::WriterLoop() {
       if (queue_.empty()) return;  // stopping, and every queued save is done
       job = std::move(queue_.front());
       queue_.pop_front();
+      saving_ = true;
     }
     {
       absl::MutexLock lock(&mu_);
@@ -270,7 +271,18 @@ void StateDirectory::WriterLoop() {
       }
     }
     job.second();
+    absl::MutexLock lock(&queue_mu_);
+    saving_ = false;
   }
+}
+
+void StateDirectory::Flush() {
+  absl::MutexLock lock(&queue_mu_);
+  queue_mu_.Await(absl::Condition(
+      +[](StateDirectory* self) ABSL_EXCLUSIVE_LOCKS_REQUIRED(self->queue_mu_) {
+        return self->queue_.empty() && !self->saving_;
+      },
+      this));
 }
 
 }  // namespace retnet::server

@@ -52,6 +52,8 @@ class StateDirectory final : public SessionStore {
   // Saves every idle session; removes the files of this server's sessions that are gone.
   // Returns how many were written.
   int64_t SaveAll();
+  // Waits until every queued save is done (their `done` callbacks included).
+  void Flush();
   // Finishes the queued saves and stops the writer thread. Idempotent.
   void StopWriter();
 
@@ -94,6 +96,7 @@ class StateDirectory final : public SessionStore {
   absl::Mutex queue_mu_;
   std::deque<std::pair<std::string, std::function<void()>>> queue_ ABSL_GUARDED_BY(queue_mu_);
   bool stopping_ ABSL_GUARDED_BY(queue_mu_) = false;
+  bool saving_ ABSL_GUARDED_BY(queue_mu_) = false;  // the writer holds a job
   std::thread writer_;
 };
 

@@ -258,7 +258,9 @@ def main():
             gw.stop()
         for r in replicas:
             r.stop()
-        if FAILURES:
+        if FAILURES or sys.exc_info()[0] is not None:
+            if gw is not None:
+                print("--- nginx error.log ---\n" + open(os.path.join(gw.prefix, "logs/error.log")).read()[-4000:])
             for r in replicas:
                 print(f"--- {r.name} log ---\n" + open(os.path.join(tmp, r.name + ".log")).read()[-3000:])
         shutil.rmtree(tmp, ignore_errors=True)
