@@ -445,6 +445,8 @@ int main(int argc, char** argv) {
   }
   if (!(timeout_s > 0)) return FailUsage("--timeout: must be > 0");
   conn.timeout = absl::Seconds(timeout_s);
+  // A probe answers fast or not at all (Docker and Kubernetes have their own timeouts too).
+  if (health->parsed() && app.count("--timeout") == 0) conn.timeout = absl::Seconds(5);
 
   std::unique_ptr<retnet::client::InstantServer> instant;
   if (bench->parsed() && self_test) {

@@ -4,11 +4,16 @@
 #include <c10/core/InferenceMode.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <exception>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/status_macros.h"
+#ifdef RETNET_WITH_CUDA
+#include "model/cuda/retention_cuda.h"
+#endif
 
 namespace retnet::model {
 namespace {
@@ -32,6 +37,78 @@ at::Tensor InvSqrtCn(const at::Tensor& log_decay, const at::Tensor& positions) {
   for (int64_t i = 0; i < positions.dim(); ++i) shape.push_back(1);
   at::Tensor lg = log_decay.view(shape);
   return at::rsqrt(at::expm1((positions.unsqueeze(0) + 1) * lg) / at::expm1(lg));
+}
+
+// The batched chunkwise form (fast path): `n` chunks of `c` tokens at once. q, k [B, H, n*c, d_k]
+// and v [B, H, n*c, d_v] fp32 (rotated, scaled); `s` [B, H, d_k, d_v] is the state before the
+// first chunk, updated in place to the state after the last one. The same sums as the chunk loop
+// of the reference, as a fixed number of batched library calls whatever n is:
+//   inner_r  = sum_{j<=r in chunk} gamma^(r-j) (q_r . k_j) v_j
+//   KV_m     = sum_j gamma^(c-1-j) k_j v_j^T                      (each chunk's contribution)
+//   S_m      = gamma^(c m) S + sum_{m'<m} gamma^(c (m-1-m')) KV_m'  (state before chunk m)
+//   cross_r  = gamma^(r+1) q_r^T S_m
+//   S_after  = gamma^c S_(n-1) + KV_(n-1)
+at::Tensor ChunkBlock(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                      const at::Tensor& lg, const at::Tensor& s, int64_t n, int64_t c) {
+  const int64_t batch = q.size(0), heads = q.size(1), dk = q.size(3), dv = v.size(3);
+  at::Tensor qn = q.reshape({batch, heads, n, c, dk});
+  at::Tensor kn = k.reshape({batch, heads, n, c, dk});
+  at::Tensor vn = v.reshape({batch, heads, n, c, dv});
+  at::Tensor r = at::arange(c, lg.options());
+  at::Tensor inner = at::matmul(
+      at::matmul(qn, kn.transpose(-1, -2)) * DecayMask(lg, c).view({1, heads, 1, c, c}), vn);
+  at::Tensor k_decay =
+      at::exp((c - 1 - r).unsqueeze(0) * lg.unsqueeze(1)).view({1, heads, 1, c, 1});
+  at::Tensor kv = at::matmul((kn * k_decay).transpose(-1, -2), vn);  // [B, H, n, d_k, d_v]
+  at::Tensor before;                                                 // [B, H, n, d_k, d_v]
+  if (n == 1) {
+    before = s.unsqueeze(2);
+  } else {
+    at::Tensor m = at::arange(n, lg.options());
+    at::Tensor diff = m.view({n, 1}) - m.view({1, n}) - 1;  // n-1-m' for chunk n, earlier m'
+    at::Tensor lgc = (lg * static_cast<double>(c)).view({heads, 1, 1});
+    at::Tensor w = at::exp(diff.clamp_min(0).unsqueeze(0) * lgc) * diff.ge(0);  // [H, n, n]
+    at::Tensor w0 = at::exp(m.unsqueeze(0) * lgc.view({heads, 1}));             // [H, n]
+    before = at::matmul(w.unsqueeze(0), kv.reshape({batch, heads, n, dk * dv}))
+                 .view({batch, heads, n, dk, dv}) +
+             w0.view({1, heads, n, 1, 1}) * s.unsqueeze(2);
+  }
+  at::Tensor q_decay = at::exp((r + 1).unsqueeze(0) * lg.unsqueeze(1)).view({1, heads, 1, c, 1});
+  at::Tensor out = inner + at::matmul(qn * q_decay, before);
+  at::Tensor last =
+      before.select(2, n - 1) * at::exp(lg * static_cast<double>(c)).view({1, heads, 1, 1}) +
+      kv.select(2, n - 1);
+  s.copy_(last);
+  return out.reshape({batch, heads, n * c, dv});
+}
+
+// All of q/k/v ([B, H, T, d]) through ChunkBlock: full chunks in super-blocks whose transient
+// per-chunk states stay under ~256 MiB, then a final partial chunk at its own length.
+at::Tensor BatchedChunkwise(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& lg, const at::Tensor& s, int64_t chunk) {
+  const int64_t len = q.size(2);
+  const int64_t per_chunk = q.size(0) * q.size(1) * q.size(3) * v.size(3) * 4;
+  const int64_t max_chunks = std::max<int64_t>(
+      1, std::min<int64_t>(64, (int64_t{256} << 20) / std::max<int64_t>(per_chunk, 1)));
+  const int64_t full = (len / chunk) * chunk;
+  std::vector<at::Tensor> outs;
+  for (int64_t t0 = 0; t0 < full;) {
+    const int64_t n = std::min(max_chunks, (full - t0) / chunk);
+    outs.push_back(ChunkBlock(q.narrow(2, t0, n * chunk), k.narrow(2, t0, n * chunk),
+                              v.narrow(2, t0, n * chunk), lg, s, n, chunk));
+    t0 += n * chunk;
+  }
+  if (full < len) {
+    const int64_t c = len - full;
+    outs.push_back(
+        ChunkBlock(q.narrow(2, full, c), k.narrow(2, full, c), v.narrow(2, full, c), lg, s, 1, c));
+  }
+  return outs.size() == 1 ? outs[0] : at::cat(outs, 2);
+}
+
+bool EnvIsZero(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && std::strcmp(v, "0") == 0;
 }
 
 // c10::Error::what() appends a backtrace after the first line; keep the message only.
@@ -94,6 +171,14 @@ LayerBuffers DefaultBuffers(const ModelConfig& config) {
   return b;
 }
 
+bool RetNet::CudaKernelsCompiled() {
+#ifdef RETNET_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
 absl::StatusOr<at::Device> ParseDevice(const std::string& name) {
   if (name == "cpu") return at::Device(at::kCPU);
   if (name.rfind("cuda", 0) == 0) {
@@ -153,6 +238,14 @@ absl::StatusOr<std::unique_ptr<RetNet>> RetNet::Create(ModelConfig config, Model
   net->compute_dtype_ =
       options.dtype == at::kHalf && options.device.is_cpu() ? at::kFloat : options.dtype;
   const ModelConfig& c = net->config_;
+  ModelOptions::Path path = options.path;
+  if (path == ModelOptions::Path::kAuto) {
+    path = options.device.is_cuda() && CudaKernelsCompiled() && !EnvIsZero("RETNET_FUSED_RETENTION")
+               ? ModelOptions::Path::kFast
+               : ModelOptions::Path::kReference;
+  }
+  net->fast_prefill_ = path == ModelOptions::Path::kFast;
+  net->fused_step_ = net->fast_prefill_ && options.device.is_cuda() && CudaKernelsCompiled();
   try {
     auto param = [&](const std::string& name) -> at::Tensor {
       auto it = weights.tensors.find(name);
@@ -201,12 +294,46 @@ absl::StatusOr<std::unique_ptr<RetNet>> RetNet::Create(ModelConfig config, Model
       }
       layer.log_decay = b.log_decay.to(options.device, at::kFloat).contiguous();
       layer.theta = b.theta.to(options.device, at::kFloat).contiguous();
+      if (net->fused_step_) {
+        // One GEMM for q|k|v|g (and for act|lin); the separate weights become row views.
+        auto fuse = [](std::vector<Linear*> parts) {
+          std::vector<at::Tensor> ws, bs;
+          for (Linear* p : parts) {
+            ws.push_back(p->w);
+            if (p->b.defined()) bs.push_back(p->b);
+          }
+          Linear fused{at::cat(ws, 0).contiguous(), at::Tensor()};
+          if (bs.size() == parts.size()) fused.b = at::cat(bs, 0).contiguous();
+          int64_t row = 0;
+          for (Linear* p : parts) {
+            const int64_t rows = p->w.size(0);
+            p->w = fused.w.narrow(0, row, rows);
+            if (fused.b.defined()) p->b = fused.b.narrow(0, row, rows);
+            row += rows;
+          }
+          return fused;
+        };
+        const bool biases_match = layer.q.b.defined() == layer.k.b.defined() &&
+                                  layer.q.b.defined() == layer.v.b.defined() &&
+                                  layer.q.b.defined() == layer.g.b.defined();
+        if (biases_match) layer.qkvg = fuse({&layer.q, &layer.k, &layer.v, &layer.g});
+        if ((c.ffn == FfnKind::kGlu || c.ffn == FfnKind::kSwiGlu) &&
+            layer.ffn_act.b.defined() == layer.ffn_lin.b.defined()) {
+          layer.act_lin = fuse({&layer.ffn_act, &layer.ffn_lin});
+        }
+      }
       net->layers_.push_back(std::move(layer));
     }
   } catch (const std::exception& e) {
     return absl::InternalError(
         absl::StrCat("moving weights to the device failed: ", FirstLine(e.what())));
   }
+#ifdef RETNET_WITH_CUDA
+  if (net->fused_step_ && options.cuda_graphs && c.is_language_model() &&
+      !EnvIsZero("RETNET_CUDA_GRAPHS")) {
+    net->graphs_ = std::make_shared<cuda::StepGraphCache>();
+  }
+#endif
   return net;
 }
 
@@ -407,6 +534,9 @@ at::Tensor RetNet::SequenceMixer(const Layer& layer, const at::Tensor& h, int64_
   if (!state.defined() && (chunk_size <= 0 || chunk_size >= len)) {
     // Parallel form: (Q K^T ⊙ D) V.
     o = at::matmul(at::matmul(q, k.transpose(-1, -2)) * DecayMask(lg, len), v);
+  } else if (fast_prefill_) {
+    at::Tensor s = state.defined() ? state : at::zeros({batch, heads, dk, dv}, q.options());
+    o = BatchedChunkwise(q, k, v, lg, s, chunk_size <= 0 ? len : chunk_size);
   } else {
     at::Tensor s = state.defined() ? state : at::zeros({batch, heads, dk, dv}, q.options());
     const int64_t c_max = chunk_size <= 0 ? len : chunk_size;
@@ -499,41 +629,128 @@ absl::StatusOr<at::Tensor> RetNet::Step(const at::Tensor& input, const at::Tenso
   }
   c10::InferenceMode guard;
   try {
-    const int64_t heads = config_.num_heads, dk = config_.head_k_dim(), dv = config_.head_v_dim();
-    const double scale = 1.0 / std::sqrt(static_cast<double>(dk));
-    at::Tensor pos = positions.to(options_.device, at::kFloat);
-    at::Tensor x = Embed(input);  // [B, D]
-    for (size_t l = 0; l < layers_.size(); ++l) {
-      const Layer& layer = layers_[l];
-      at::Tensor h = ApplyNorm(layer.attn_norm, x, true);
-      at::Tensor q = ApplyLinear(layer.q, h).to(at::kFloat).view({batch, heads, dk});
-      at::Tensor k = ApplyLinear(layer.k, h).to(at::kFloat).view({batch, heads, dk});
-      at::Tensor v = ApplyLinear(layer.v, h).to(at::kFloat).view({batch, heads, dv});
-      at::Tensor g = ApplyLinear(layer.g, h);
-      at::Tensor angle = pos.unsqueeze(1) * layer.theta.unsqueeze(0);  // [B, d_k/2]
-      at::Tensor cos = angle.cos().unsqueeze(1), sin = angle.sin().unsqueeze(1);
-      q = Rotate(q, cos, sin);
-      k = Rotate(k, cos, sin);
-      if (config_.scale_on == ScaleOn::kQuery) {
-        q = q * scale;
-      } else {
-        k = k * scale;
+#ifdef RETNET_WITH_CUDA
+    if (fused_step_) {
+      float* base = state.data_ptr<float>();
+      const int64_t layer_stride = state.stride(0), slot_stride = state.stride(1);
+      if (graphs_ != nullptr && cuda::StepGraphCache::Bucket(batch) > 0) {
+        return graphs_->Run(
+            input, positions, {reinterpret_cast<uintptr_t>(base), layer_stride, slot_stride},
+            [&](const at::Tensor& tokens, const at::Tensor& pos, const at::Tensor& slots) {
+              return FusedStep(tokens, pos, base, layer_stride, slot_stride, slots);
+            });
       }
-      // S <- gamma S + k v^T ; o = q^T S, on the caller's rows in place.
-      at::Tensor s = state.select(0, static_cast<int64_t>(l)).view({batch * heads, dk, dv});
-      s.view({batch, heads, dk, dv}).mul_(at::exp(layer.log_decay).view({1, heads, 1, 1}));
-      s.baddbmm_(k.reshape({batch * heads, dk, 1}), v.reshape({batch * heads, 1, dv}));
-      at::Tensor o = at::bmm(q.reshape({batch * heads, 1, dk}), s).view({batch, heads, dv});
-      if (config_.retention_norm == RetentionNorm::kInvSqrtCn) {
-        o = o * InvSqrtCn(layer.log_decay, pos).transpose(0, 1).unsqueeze(-1);  // [B, H, 1]
-      }
-      x = x + MixOutput(layer, o, g);
-      x = x + Ffn(layer, ApplyNorm(layer.ffn_norm, x, true));
+      return FusedStep(input, positions.to(options_.device).contiguous(), base, layer_stride,
+                       slot_stride, at::Tensor());
     }
-    return Head(x);
+#endif
+    return ReferenceStep(input, positions, state);
   } catch (const std::exception& e) {
     return absl::InternalError(absl::StrCat("recurrent step failed: ", FirstLine(e.what())));
   }
 }
+
+at::Tensor RetNet::ReferenceStep(const at::Tensor& input, const at::Tensor& positions,
+                                 const at::Tensor& state) const {
+  const int64_t batch = input.size(0);
+  const int64_t heads = config_.num_heads, dk = config_.head_k_dim(), dv = config_.head_v_dim();
+  const double scale = 1.0 / std::sqrt(static_cast<double>(dk));
+  at::Tensor pos = positions.to(options_.device, at::kFloat);
+  at::Tensor x = Embed(input);  // [B, D]
+  for (size_t l = 0; l < layers_.size(); ++l) {
+    const Layer& layer = layers_[l];
+    at::Tensor h = ApplyNorm(layer.attn_norm, x, true);
+    at::Tensor q = ApplyLinear(layer.q, h).to(at::kFloat).view({batch, heads, dk});
+    at::Tensor k = ApplyLinear(layer.k, h).to(at::kFloat).view({batch, heads, dk});
+    at::Tensor v = ApplyLinear(layer.v, h).to(at::kFloat).view({batch, heads, dv});
+    at::Tensor g = ApplyLinear(layer.g, h);
+    at::Tensor angle = pos.unsqueeze(1) * layer.theta.unsqueeze(0);  // [B, d_k/2]
+    at::Tensor cos = angle.cos().unsqueeze(1), sin = angle.sin().unsqueeze(1);
+    q = Rotate(q, cos, sin);
+    k = Rotate(k, cos, sin);
+    if (config_.scale_on == ScaleOn::kQuery) {
+      q = q * scale;
+    } else {
+      k = k * scale;
+    }
+    // S <- gamma S + k v^T ; o = q^T S, on the caller's rows in place.
+    at::Tensor s = state.select(0, static_cast<int64_t>(l)).view({batch * heads, dk, dv});
+    s.view({batch, heads, dk, dv}).mul_(at::exp(layer.log_decay).view({1, heads, 1, 1}));
+    s.baddbmm_(k.reshape({batch * heads, dk, 1}), v.reshape({batch * heads, 1, dv}));
+    at::Tensor o = at::bmm(q.reshape({batch * heads, 1, dk}), s).view({batch, heads, dv});
+    if (config_.retention_norm == RetentionNorm::kInvSqrtCn) {
+      o = o * InvSqrtCn(layer.log_decay, pos).transpose(0, 1).unsqueeze(-1);  // [B, H, 1]
+    }
+    x = x + MixOutput(layer, o, g);
+    x = x + Ffn(layer, ApplyNorm(layer.ffn_norm, x, true));
+  }
+  return Head(x);
+}
+
+#ifdef RETNET_WITH_CUDA
+at::Tensor RetNet::FusedStep(const at::Tensor& input, const at::Tensor& positions,
+                             float* state_base, int64_t layer_stride, int64_t slot_stride,
+                             const at::Tensor& slots) const {
+  const int64_t batch = input.size(0), heads = config_.num_heads;
+  const int64_t dk = config_.head_k_dim(), dv = config_.head_v_dim();
+  const int64_t kd = config_.key_dim, vd = config_.value_dim;
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(dk)));
+  cuda::StepParams sp;
+  sp.heads = heads;
+  sp.dk = dk;
+  sp.dv = dv;
+  sp.rotary = config_.rotary == Rotary::kRotateHalf ? cuda::Rotary::kRotateHalf
+                                                    : cuda::Rotary::kInterleaved;
+  sp.q_scale = config_.scale_on == ScaleOn::kQuery ? scale : 1.0f;
+  sp.k_scale = config_.scale_on == ScaleOn::kKey ? scale : 1.0f;
+  sp.inv_sqrt_cn = config_.retention_norm == RetentionNorm::kInvSqrtCn;
+  const auto kind = [](NormKind k) {
+    return k == NormKind::kRmsNorm ? cuda::Norm::kRms : cuda::Norm::kLayer;
+  };
+  const auto act = [](Activation a) {
+    return a == Activation::kSwish ? cuda::Act::kSwish : cuda::Act::kGelu;
+  };
+  const auto block_norm = [&](const Norm& n, const at::Tensor& x) {
+    return cuda::NormGate(x, 1, n.w, n.b, kind(config_.block_norm), config_.block_norm_eps,
+                          at::Tensor(), cuda::Act::kSwish, x.scalar_type());
+  };
+  at::Tensor x = Embed(input);  // [B, D]
+  for (size_t l = 0; l < layers_.size(); ++l) {
+    const Layer& layer = layers_[l];
+    float* s = state_base + static_cast<int64_t>(l) * layer_stride;
+    at::Tensor h = block_norm(layer.attn_norm, x);
+    at::Tensor q, k, v, g;
+    if (layer.qkvg.w.defined()) {
+      at::Tensor p = ApplyLinear(layer.qkvg, h);  // [B, 2 kd + 2 vd]
+      q = p.narrow(1, 0, kd);
+      k = p.narrow(1, kd, kd);
+      v = p.narrow(1, 2 * kd, vd);
+      g = p.narrow(1, 2 * kd + vd, vd);
+    } else {
+      q = ApplyLinear(layer.q, h);
+      k = ApplyLinear(layer.k, h);
+      v = ApplyLinear(layer.v, h);
+      g = ApplyLinear(layer.g, h);
+    }
+    at::Tensor o = cuda::RetentionStep(q, k, v, positions, layer.log_decay, layer.theta, sp, s,
+                                       at::kFloat, slot_stride, slots);  // [B, H, d_v] fp32
+    at::Tensor y = cuda::NormGate(o.view({batch, heads * dv}), heads, layer.gn_w, layer.gn_b,
+                                  kind(config_.group_norm), config_.group_norm_eps, g,
+                                  act(config_.gate_act), g.scalar_type());
+    x = x + ApplyLinear(layer.o, y);
+    at::Tensor f = block_norm(layer.ffn_norm, x);
+    if (layer.act_lin.w.defined()) {
+      at::Tensor u = cuda::GatedActivation(ApplyLinear(layer.act_lin, f), config_.ffn_dim,
+                                           act(config_.ffn_act));
+      x = x + ApplyLinear(layer.ffn_out, u);
+    } else {
+      x = x + Ffn(layer, f);
+    }
+  }
+  if (!config_.is_language_model()) return x.to(at::kFloat);
+  at::Tensor hf = config_.final_norm ? block_norm(final_norm_, x) : x;
+  return ApplyLinear(Linear{lm_head_, at::Tensor()}, hf).to(at::kFloat);
+}
+#endif
 
 }  // namespace retnet::model

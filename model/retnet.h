@@ -34,6 +34,10 @@
 
 namespace retnet::model {
 
+namespace cuda {
+class StepGraphCache;  // model/cuda/retention_cuda.h
+}  // namespace cuda
+
 // Per-layer buffers: log decay log(gamma_h) [H] and rotary frequencies theta [d_k/2], fp32.
 struct LayerBuffers {
   at::Tensor log_decay;
@@ -52,6 +56,19 @@ LayerBuffers DefaultBuffers(const ModelConfig& config);
 struct ModelOptions {
   at::Device device = at::kCPU;
   at::ScalarType dtype = at::kFloat;  // kFloat, kBFloat16 or kHalf
+  // Which implementation runs Step and the chunkwise prefill (the function is the same):
+  //   kAuto       the fast path on a CUDA device when this build has the CUDA kernels
+  //               (RetNet::CudaKernelsCompiled()), the reference ops otherwise. The environment
+  //               variable RETNET_FUSED_RETENTION=0 turns kAuto into kReference.
+  //   kReference  always the eager reference ops (what every CPU build runs).
+  //   kFast       the fast path wherever it exists: on CUDA the fused kernels (model/cuda/),
+  //               CUDA graphs and the batched chunkwise prefill; on CPU only the batched
+  //               chunkwise prefill (a composition of library calls, testable without a GPU).
+  enum class Path { kAuto, kReference, kFast };
+  Path path = Path::kAuto;
+  // Fast path on CUDA: replay each decode step from a CUDA graph captured per power-of-two batch
+  // bucket (up to 1024 rows). RETNET_CUDA_GRAPHS=0 in the environment turns it off.
+  bool cuda_graphs = true;
 };
 
 // Parses "cpu"/"cuda"/"cuda:N" and "float32"/"bfloat16"/"float16"; InvalidArgument otherwise
@@ -71,7 +88,14 @@ class RetNet {
   static absl::StatusOr<std::unique_ptr<RetNet>> CreateRandom(ModelConfig config, uint64_t seed,
                                                               const ModelOptions& options);
 
+  // Whether this build contains the fused CUDA kernels (a CUDA LibTorch build, RETNET_CUDA).
+  static bool CudaKernelsCompiled();
+
   const ModelConfig& config() const { return config_; }
+  // Which paths this model runs (resolved from ModelOptions::path at creation).
+  bool fused_step() const { return fused_step_; }
+  bool fast_prefill() const { return fast_prefill_; }
+  bool cuda_graphs() const { return graphs_ != nullptr; }
   const ModelOptions& options() const { return options_; }
   // 64-bit fingerprint of the config and the weights as loaded (sums and a sample of every
   // tensor): equal for the same checkpoint, different for another model. Used by snapshots.
@@ -112,6 +136,9 @@ class RetNet {
   struct Layer {
     Norm attn_norm, ffn_norm, inner_norm;
     Linear q, k, v, g, o;
+    // Fast path on CUDA: q|k|v|g and act|lin as one weight each; the separate Linears above are
+    // row views of them (no extra memory). Undefined otherwise.
+    Linear qkvg, act_lin;
     at::Tensor gn_w, gn_b;  // fp32 [d_v]
     std::vector<Linear> mlp;
     Linear ffn_act, ffn_lin, ffn_out;
@@ -136,6 +163,13 @@ class RetNet {
                            const at::Tensor& state, int64_t chunk_size) const;
   at::Tensor Sequence(const at::Tensor& input, const at::Tensor& state, int64_t start,
                       int64_t chunk_size, Outputs outputs) const;
+  at::Tensor ReferenceStep(const at::Tensor& input, const at::Tensor& positions,
+                           const at::Tensor& state) const;
+  // The fused decode step (model/cuda/; defined only in CUDA builds, RETNET_WITH_CUDA): layer
+  // l's state rows are at state_base + l * layer_stride + slot * slot_stride, slot = slots[b]
+  // (int32, -1 = padding) or b when `slots` is undefined. `positions` int64 [B] on the device.
+  at::Tensor FusedStep(const at::Tensor& input, const at::Tensor& positions, float* state_base,
+                       int64_t layer_stride, int64_t slot_stride, const at::Tensor& slots) const;
 
   ModelConfig config_;
   ModelOptions options_;
@@ -145,6 +179,11 @@ class RetNet {
   at::Tensor embed_, lm_head_;
   Norm embed_norm_, final_norm_;
   std::vector<Layer> layers_;
+  bool fused_step_ = false;
+  bool fast_prefill_ = false;
+  // Captured decode steps (fast path on CUDA with graphs); shared_ptr so that the type stays
+  // incomplete in builds without CUDA.
+  std::shared_ptr<cuda::StepGraphCache> graphs_;
 };
 
 }  // namespace retnet::model

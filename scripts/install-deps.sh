@@ -11,7 +11,7 @@ packages=(
   libsentencepiece-dev libgtest-dev libgmock-dev libbenchmark-dev
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   python3-grpcio libcpp-httplib-dev openssl
-  nginx
+  nginx docker-compose python3-yaml
 )
 
 # Node.js for the Node client's test: the machine's own (with its npm) when there is one.

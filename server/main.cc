@@ -28,7 +28,8 @@ int main(int argc, char** argv) {
   app.add_option("--device", o.device, "cpu | cuda[:N]")
       ->envname("RETNET_DEVICE")
       ->capture_default_str();
-  app.add_option("--dtype", o.dtype, "float32 | bfloat16 | float16")
+  app.add_option("--dtype", o.dtype,
+                 "weights: auto (bfloat16 on cuda, else float32) | float32 | bfloat16 | float16")
       ->envname("RETNET_DTYPE")
       ->capture_default_str();
   app.add_option("--max-sessions", o.max_sessions, "device state slots")

@@ -80,6 +80,10 @@ std::string Server::Describe() const {
 absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& options) {
   auto impl = std::make_unique<Impl>();
   impl->options = options;
+  // bf16 weights by default on a GPU (fp32 state and accumulation either way), fp32 on a CPU.
+  if (impl->options.dtype == "auto") {
+    impl->options.dtype = options.device.rfind("cuda", 0) == 0 ? "bfloat16" : "float32";
+  }
   impl->checkpoint = options.checkpoint.empty() ? model::DefaultModelDir() : options.checkpoint;
   if (!options.api_keys_file.empty()) {
     ASSIGN_OR_RETURN(impl->keys, ApiKeys::Load(options.api_keys_file));
@@ -90,7 +94,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   ServiceOptions so;
   so.checkpoint = impl->checkpoint;
   so.device = options.device;
-  so.dtype = options.dtype;
+  so.dtype = impl->options.dtype;
   so.snapshot_chunk_bytes = options.snapshot_chunk_bytes;
   so.metrics = &impl->metrics;
   so.default_max_new_tokens = std::min(options.default_max_new_tokens, options.max_new_tokens);
@@ -123,7 +127,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
 
   model::ModelOptions model_options;
   ASSIGN_OR_RETURN(model_options.device, model::ParseDevice(options.device));
-  ASSIGN_OR_RETURN(model_options.dtype, model::ParseDtype(options.dtype));
+  ASSIGN_OR_RETURN(model_options.dtype, model::ParseDtype(impl->options.dtype));
   ASSIGN_OR_RETURN(auto model, model::LoadModel(impl->checkpoint, model_options));
   ASSIGN_OR_RETURN(auto tokenizer, model::LoadTokenizer(impl->checkpoint, model->config()));
   impl->model_line = model->config().Summary();

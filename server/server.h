@@ -33,7 +33,7 @@ struct ServerOptions {
   std::string checkpoint;  // empty = the built-in default model
   std::string listen = "0.0.0.0:50051";
   std::string device = "cpu";
-  std::string dtype = "float32";
+  std::string dtype = "auto";  // auto = bfloat16 on cuda, float32 on cpu
   int64_t max_sessions = 64;
   int64_t state_memory_bytes = 0;
   int64_t max_host_sessions = 1024;
