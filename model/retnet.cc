@@ -246,6 +246,13 @@ absl::StatusOr<std::unique_ptr<RetNet>> RetNet::Create(ModelConfig config, Model
   }
   net->fast_prefill_ = path == ModelOptions::Path::kFast;
   net->fused_step_ = net->fast_prefill_ && options.device.is_cuda() && CudaKernelsCompiled();
+#ifdef RETNET_WITH_CUDA
+  if (net->fused_step_ && !cuda::KernelsRunnable(options.device)) {
+    // Built for other GPU architectures: the reference path still runs (through torch's kernels).
+    net->fused_step_ = false;
+    net->fast_prefill_ = false;
+  }
+#endif
   try {
     auto param = [&](const std::string& name) -> at::Tensor {
       auto it = weights.tensors.find(name);
@@ -631,6 +638,8 @@ absl::StatusOr<at::Tensor> RetNet::Step(const at::Tensor& input, const at::Tenso
   try {
 #ifdef RETNET_WITH_CUDA
     if (fused_step_) {
+      // Streams, graph buffers and capture follow the current device: make it the model's.
+      const c10::DeviceGuard device_guard(options_.device);
       float* base = state.data_ptr<float>();
       const int64_t layer_stride = state.stride(0), slot_stride = state.stride(1);
       if (graphs_ != nullptr && cuda::StepGraphCache::Bucket(batch) > 0) {

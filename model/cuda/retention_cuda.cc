@@ -169,6 +169,11 @@ struct StepGraphCache::Entry {
   int64_t batch = -1;  // the batch the slot buffer currently describes
 };
 
+bool KernelsRunnable(const at::Device& device) {
+  if (!device.is_cuda()) return false;
+  return KernelsRunnableOn(device.has_index() ? device.index() : c10::cuda::current_device());
+}
+
 struct StepGraphCache::State {
   using Key = std::tuple<int64_t, uintptr_t, int64_t, int64_t>;
   std::map<Key, std::unique_ptr<Entry>> graphs;
@@ -202,7 +207,10 @@ at::Tensor StepGraphCache::Run(const at::Tensor& tokens, const at::Tensor& posit
   const State::Key full_key{bucket, std::get<0>(key), std::get<1>(key), std::get<2>(key)};
   auto it = st.graphs.find(full_key);
   if (it == st.graphs.end()) {
-    if (st.graphs.size() >= 64) st.graphs.clear();  // a caller cycling through state tensors
+    if (st.graphs.size() >= 64) {  // a caller cycling through state tensors
+      st.graphs.clear();
+      st.pool = at::cuda::graph_pool_handle();  // the old pool is released with its graphs
+    }
     auto e = std::make_unique<Entry>();
     const auto dev = at::TensorOptions().device(stream.device());
     e->tokens = at::zeros({bucket}, dev.dtype(at::kLong));
@@ -218,8 +226,18 @@ at::Tensor StepGraphCache::Run(const at::Tensor& tokens, const at::Tensor& posit
     {
       const c10::cuda::CUDAStreamGuard guard(side);
       (void)body(e->tokens, e->positions, e->slots);
-      e->graph.capture_begin(st.pool);
-      e->out = body(e->tokens, e->positions, e->slots);
+      // Thread-local capture: other threads (snapshots, restores) keep using CUDA meanwhile.
+      e->graph.capture_begin(st.pool, cudaStreamCaptureModeThreadLocal);
+      try {
+        e->out = body(e->tokens, e->positions, e->slots);
+      } catch (...) {
+        // End the capture so the side stream and the pool are usable again; drop the graph.
+        try {
+          e->graph.capture_end();
+        } catch (...) {
+        }
+        throw;
+      }
       e->graph.capture_end();
     }
     at::cuda::CUDAEvent captured;

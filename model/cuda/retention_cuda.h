@@ -32,6 +32,9 @@ struct StepParams {
   bool inv_sqrt_cn = false;
 };
 
+// Whether the fused kernels can launch on `device` (built for its architecture).
+bool KernelsRunnable(const at::Device& device);
+
 // One fused recurrent retention step (retnet::cuda::RecurrentRetentionStep): q, k [B, H*dk] and
 // v [B, H*dv] (2-D, unit column stride, any row stride: slices of one fused projection), of one
 // floating dtype; positions int64 [B]; log_decay fp32 [H]; theta fp32 [dk/2]. The state rows of

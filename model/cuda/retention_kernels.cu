@@ -428,6 +428,19 @@ cudaError_t GatedActivation(const GatedActivationArgs& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+bool KernelsRunnableOn(int device) {
+  int previous = 0;
+  if (cudaGetDevice(&previous) != cudaSuccess || cudaSetDevice(device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  cudaFuncAttributes attr;
+  const bool ok = cudaFuncGetAttributes(&attr, RetentionStepKernel<float, float, 4>) == cudaSuccess;
+  (void)cudaGetLastError();
+  (void)cudaSetDevice(previous);
+  return ok;
+}
+
 int CudaDeviceCount() {
   int n = 0;
   if (cudaGetDeviceCount(&n) != cudaSuccess) {

@@ -97,6 +97,10 @@ cudaError_t GatedActivation(const GatedActivationArgs& a, cudaStream_t stream);
 // Number of CUDA devices the runtime sees (0 when none or no driver); never fails.
 int CudaDeviceCount();
 
+// Whether the kernels were built for `device`'s architecture (a binary built for sm_90 only
+// cannot launch them on an sm_80 GPU); never fails. Callers fall back to the reference path.
+bool KernelsRunnableOn(int device);
+
 // Host-side reference of RecurrentRetentionStep for fp32 inputs and state, in plain C++ (used by
 // the kernel self-test binary; `a`'s pointers are host pointers here).
 void RecurrentRetentionStepHost(const RetentionStepArgs& a);
