@@ -8,6 +8,8 @@
 #include <cmath>
 #include <condition_variable>
 #include <cstdio>
+#include <deque>
+#include <limits>
 #include <mutex>
 #include <random>
 #include <sstream>
@@ -33,6 +35,7 @@ class Run {
       : client_(client), o_(options), info_(info) {}
 
   void Measure() {
+    tokens_.store(0);  // the progress line counts measured tokens only
     start_ = SteadyClock::now();
     std::thread progress;
     if (o_.progress) progress = std::thread([this] { Progress(); });
@@ -44,7 +47,7 @@ class Run {
         users.emplace_back([this] {
           while (true) {
             const int64_t user = next_user_.fetch_add(1);
-            if (!RunUser(user, /*measured=*/true)) break;
+            if (!RunUser(user)) break;
           }
         });
       }
@@ -99,7 +102,7 @@ class Run {
   }
 
   // One virtual user: a session for up to `turns` turns. False when no request could be claimed.
-  bool RunUser(int64_t user, bool measured) {
+  bool RunUser(int64_t user) {
     const std::string id = absl::StrCat(prefix_, "-u", user);
     bool any = false;
     for (int64_t turn = 0; turn < o_.turns; ++turn) {
@@ -183,36 +186,54 @@ class Run {
     }
   }
 
+  // Users arrive as a Poisson process (the first at t = 0) and queue for `concurrency` workers.
   void OpenLoop() {
     std::mt19937_64 rng(o_.seed);
     std::exponential_distribution<double> gap(o_.request_rate);
-    std::vector<std::thread> users;
-    std::mutex running_mu;
-    std::condition_variable running_cv;
-    int64_t running = 0;
-    SteadyClock::time_point next = start_;
-    for (int64_t user = 0;; ++user) {
-      next += std::chrono::duration_cast<SteadyClock::duration>(
-          std::chrono::duration<double>(gap(rng)));
-      std::this_thread::sleep_until(next);  // the arrival process itself, not synchronisation
-      if (TimeIsUp()) break;
-      if (o_.num_requests > 0 && sent_.load() >= o_.num_requests) break;
-      {
-        // At the cap, an arrival waits for a running user (like a client-side semaphore).
-        std::unique_lock<std::mutex> lock(running_mu);
-        running_cv.wait(lock, [&] { return running < o_.concurrency; });
-        ++running;
-      }
-      users.emplace_back([&, user] {
-        RunUser(user, /*measured=*/true);
-        {
-          std::lock_guard<std::mutex> lock(running_mu);
-          --running;
+    std::mutex mu;
+    std::condition_variable cv;
+    std::deque<int64_t> arrived;
+    bool closed = false;
+    std::vector<std::thread> workers;
+    for (int64_t i = 0; i < o_.concurrency; ++i) {
+      workers.emplace_back([&] {
+        while (true) {
+          int64_t user = 0;
+          {
+            std::unique_lock<std::mutex> lock(mu);
+            cv.wait(lock, [&] { return closed || !arrived.empty(); });
+            if (arrived.empty()) return;
+            user = arrived.front();
+            arrived.pop_front();
+          }
+          RunUser(user);
         }
-        running_cv.notify_one();
       });
     }
-    for (auto& t : users) t.join();
+    const SteadyClock::time_point deadline =
+        o_.duration_s > 0 ? start_ + std::chrono::duration_cast<SteadyClock::duration>(
+                                         std::chrono::duration<double>(o_.duration_s))
+                          : SteadyClock::time_point::max();
+    // Enough users for the request count (each sends up to `turns` requests).
+    const int64_t users = o_.num_requests > 0 ? (o_.num_requests + o_.turns - 1) / o_.turns
+                                              : std::numeric_limits<int64_t>::max();
+    SteadyClock::time_point next = start_;
+    for (int64_t user = 0; user < users && next < deadline; ++user) {
+      std::this_thread::sleep_until(next);  // the arrival process itself, not synchronisation
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        arrived.push_back(user);
+      }
+      cv.notify_one();
+      next += std::chrono::duration_cast<SteadyClock::duration>(
+          std::chrono::duration<double>(gap(rng)));
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      closed = true;
+    }
+    cv.notify_all();
+    for (auto& t : workers) t.join();
   }
 
   void Progress() {
@@ -474,10 +495,13 @@ std::string ReportCsv(const BenchResult& res) {
   std::ostringstream out;
   out << "index,user,turn,session_id,start_s,ttft_ms,tpot_ms,e2el_ms,prompt_tokens,output_tokens,"
          "status\n";
+  auto ms = [](double s) { return s < 0 ? std::string() : absl::StrFormat("%.3f", s * 1e3); };
   for (const auto& r : res.records) {
-    out << absl::StrFormat("%d,%d,%d,%s,%.6f,%.3f,%.3f,%.3f,%d,%d,%s\n", r.index, r.user, r.turn,
-                           r.session_id, r.start_s, r.ttft_s * 1e3, Tpot(r) * 1e3, r.e2el_s * 1e3,
-                           r.prompt_tokens, r.output_tokens, CodeName(r.code));
+    const bool ok = r.code == absl::StatusCode::kOk;
+    out << absl::StrFormat("%d,%d,%d,\"%s\",%.6f,%s,%s,%s,%d,%d,%s\n", r.index, r.user, r.turn,
+                           r.session_id, r.start_s, ok ? ms(r.ttft_s) : "", ok ? ms(Tpot(r)) : "",
+                           ok ? ms(r.e2el_s) : "", r.prompt_tokens, r.output_tokens,
+                           CodeName(r.code));
   }
   return out.str();
 }

@@ -6,12 +6,14 @@
 //   retnet-client tokenize TEXT | detokenize IDS... | model | health
 //   retnet-client bench --concurrency 8 --duration 30 --json report.json
 //
-// Exit status: 0 success; 1 health check not SERVING; 2 usage error; 3 local error (a file);
+// Exit status: 0 success; 1 health check not SERVING or a bench with no request completed;
+// 2 usage error; 3 local error (a file);
 // 64 + the gRPC status code when the server refused a call (e.g. 69 NOT_FOUND, 72
 // RESOURCE_EXHAUSTED, 78 UNAVAILABLE). Errors are one line on stderr plus a hint.
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
@@ -499,6 +501,10 @@ int main(int argc, char** argv) {
   }
 
   if (chat->parsed()) {
+    v1::GenerateRequest probe;
+    if (absl::Status s = chat_flags.Apply(&probe); !s.ok()) {
+      return FailUsage(std::string(s.message()));
+    }
     ChatRepl repl(client, chat_flags,
                   chat_session.empty() ? retnet::client::NewSessionId() : chat_session);
     return repl.Run();
@@ -646,6 +652,12 @@ int main(int argc, char** argv) {
       std::ofstream out(csv_out);
       out << retnet::client::ReportCsv(*result);
       if (!out) return FailLocal(absl::StrCat(csv_out, ": cannot write"));
+    }
+    const bool any_ok = std::any_of(result->records.begin(), result->records.end(),
+                                    [](const auto& r) { return r.code == absl::StatusCode::kOk; });
+    if (!any_ok) {
+      std::fprintf(stderr, "retnet-client: bench: no request completed (see errors above)\n");
+      return 1;
     }
     return 0;
   }

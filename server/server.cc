@@ -28,6 +28,9 @@ struct Server::Impl {
   std::string checkpoint;
   std::shared_ptr<const model::RetNet> model;
   std::unique_ptr<engine::Engine> engine;
+  // Declared after the engine and before the gRPC server: destroyed after the server (whose
+  // handlers use it) and before the engine (which its writer uses).
+  std::unique_ptr<StateDirectory> state;  // null without --state-dir
   ApiKeys keys;
   std::unique_ptr<RetNetService> service;
   std::unique_ptr<grpc::Server> grpc_server;
@@ -37,7 +40,6 @@ struct Server::Impl {
   std::unique_ptr<httplib::Server> http;
   std::thread http_thread;
   int metrics_port = 0;
-  std::unique_ptr<StateDirectory> state;  // null without --state-dir
 
   absl::Mutex mu;
   bool drained ABSL_GUARDED_BY(mu) = false;
@@ -201,25 +203,19 @@ void Server::Drain(absl::Duration grace) {
   impl_->service->set_draining(true);
   impl_->stop_housekeeping.Notify();
   if (impl_->housekeeping.joinable()) impl_->housekeeping.join();
-  // Still listening (new work gets UNAVAILABLE): running generations get the grace period.
-  const absl::Time grace_end = absl::Now() + grace;
-  const bool idle = impl_->engine->WaitIdle(grace);
-  if (impl_->state) impl_->state->Flush();  // ended turns whose end waits for their save
-  // Saved before the port closes: once a gateway can no longer reach this replica, the
-  // snapshots are already there for the next one (sessions still generating are saved below).
+  // Idle sessions are saved before the port closes: once a gateway can no longer reach this
+  // replica, their snapshots are there for the next one.
   impl_->LogSaved(impl_->SnapshotAll());
-  // Ended turns get a moment to deliver their last message; streams still open after that (idle
-  // chat streams, generations past the grace) are cancelled.
-  impl_->grpc_server->Shutdown(absl::ToChronoTime(
-      std::max(absl::Now(), std::min(grace_end, absl::Now() + absl::Seconds(2)))));
+  // The port closes now (new calls go elsewhere); running streams get the grace period, and a
+  // finished turn's end is sent only once it is saved (write-through), so its session can
+  // continue elsewhere from that turn. Streams still open at the deadline are cancelled.
+  impl_->grpc_server->Shutdown(std::chrono::system_clock::now() + absl::ToChronoNanoseconds(grace));
   impl_->grpc_server->Wait();
   spdlog::info("drain: gRPC stopped");
-  if (!idle) {
-    // Cancelled streams cancelled their generations; the engine ends them within an iteration.
-    if (!impl_->engine->WaitIdle(absl::Seconds(30)))
-      spdlog::warn("drain: generations still running");
-    impl_->LogSaved(impl_->SnapshotAll());
-  }
+  // Cancelled streams cancelled their generations; the engine ends them within an iteration.
+  if (!impl_->engine->WaitIdle(absl::Seconds(30))) spdlog::warn("drain: generations still running");
+  if (impl_->state) impl_->state->Flush();
+  impl_->LogSaved(impl_->SnapshotAll());  // what changed during the drain
   if (impl_->state) impl_->state->StopWriter();
   health->Shutdown();
   if (impl_->http) {

@@ -339,9 +339,14 @@ class ExportReactor final : public grpc::ServerWriteReactor<v1::SnapshotChunk> {
 
 class ImportReactor final : public grpc::ServerReadReactor<v1::ImportSessionRequest> {
  public:
-  ImportReactor(engine::Engine* engine, std::string prefix, int64_t max_bytes,
+  // `store` (may be null): with write-through, the imported session is saved before the reply.
+  ImportReactor(engine::Engine* engine, SessionStore* store, std::string prefix, int64_t max_bytes,
                 v1::Session* response)
-      : engine_(engine), prefix_(std::move(prefix)), max_bytes_(max_bytes), response_(response) {
+      : engine_(engine),
+        store_(store),
+        prefix_(std::move(prefix)),
+        max_bytes_(max_bytes),
+        response_(response) {
     StartRead(&msg_);
   }
   void OnReadDone(bool ok) override {
@@ -364,14 +369,20 @@ class ImportReactor final : public grpc::ServerReadReactor<v1::ImportSessionRequ
       Finish(ToGrpc(check));
       return;
     }
-    auto info = engine_->RestoreSession(data_, id_.empty() ? prefix_ + RandomId() : prefix_ + id_);
+    const std::string id = id_.empty() ? prefix_ + RandomId() : prefix_ + id_;
+    auto info = engine_->RestoreSession(data_, id);
     if (info.ok()) ToProto(*info, prefix_, response_);
+    if (info.ok() && store_ != nullptr && store_->write_through()) {
+      store_->Persist(id, [this] { Finish(grpc::Status::OK); });
+      return;
+    }
     Finish(ToGrpc(info.status()));
   }
   void OnDone() override { delete this; }
 
  private:
   engine::Engine* engine_;
+  SessionStore* const store_;
   const std::string prefix_;
   const int64_t max_bytes_;
   v1::Session* response_;
@@ -393,8 +404,21 @@ void RetNetService::SetEngine(engine::Engine* engine, SessionStore* store) {
 }
 
 absl::StatusOr<engine::SessionInfo> RetNetService::FindSession(const std::string& id) const {
-  if (store_ != nullptr) store_->Sync(id);
+  if (store_ != nullptr) RETURN_IF_ERROR(store_->Sync(id));
   return engine_->GetSession(id);
+}
+
+grpc::ServerUnaryReactor* RetNetService::ReplySaved(grpc::CallbackServerContext* context,
+                                                    const std::string& id,
+                                                    const absl::Status& status) const {
+  if (!status.ok() || store_ == nullptr || !store_->write_through()) {
+    return Reply(context, status);
+  }
+  // A new session (fork, create) is in the shared directory before the caller hears of it: its
+  // next call may reach another replica.
+  auto* reactor = context->DefaultReactor();
+  store_->Persist(id, [reactor] { reactor->Finish(grpc::Status::OK); });
+  return reactor;
 }
 
 TurnStream::Persist RetNetService::PersistFor(const std::string& id) const {
@@ -505,12 +529,16 @@ grpc::ServerUnaryReactor* RetNetService::CreateSession(grpc::CallbackServerConte
   absl::Status check = CheckSessionId(request->session_id(), "session_id");
   if (!check.ok()) return Reply(context, check);
   const std::string id = request->session_id().empty() ? RandomId() : request->session_id();
-  if (!request->session_id().empty() && FindSession(*caller + id).ok()) {
-    return Reply(context, absl::AlreadyExistsError(absl::StrCat("session '", id, "' exists")));
+  if (!request->session_id().empty()) {
+    auto existing = FindSession(*caller + id);
+    if (existing.ok()) {
+      return Reply(context, absl::AlreadyExistsError(absl::StrCat("session '", id, "' exists")));
+    }
+    if (!absl::IsNotFound(existing.status())) return Reply(context, existing.status());
   }
   auto info = engine_->CreateSession(*caller + id);
   if (info.ok()) ToProto(*info, *caller, response);
-  return Reply(context, info.status());
+  return ReplySaved(context, *caller + id, info.status());
 }
 
 grpc::ServerUnaryReactor* RetNetService::GetSession(grpc::CallbackServerContext* context,
@@ -543,11 +571,13 @@ grpc::ServerUnaryReactor* RetNetService::ForkSession(grpc::CallbackServerContext
   if (!caller.ok()) return Reply(context, caller.status());
   absl::Status check = CheckSessionId(request->new_session_id(), "new_session_id");
   if (!check.ok()) return Reply(context, check);
+  if (draining_.load()) return Reply(context, absl::UnavailableError("server is draining"));
   const std::string id = request->new_session_id().empty() ? RandomId() : request->new_session_id();
-  (void)FindSession(*caller + request->session_id());
+  auto source = FindSession(*caller + request->session_id());
+  if (!source.ok()) return Reply(context, source.status());
   auto info = engine_->ForkSession(*caller + request->session_id(), *caller + id);
   if (info.ok()) ToProto(*info, *caller, response);
-  return Reply(context, info.status());
+  return ReplySaved(context, *caller + id, info.status());
 }
 
 grpc::ServerUnaryReactor* RetNetService::DeleteSession(grpc::CallbackServerContext* context,
@@ -557,18 +587,23 @@ grpc::ServerUnaryReactor* RetNetService::DeleteSession(grpc::CallbackServerConte
   if (!caller.ok()) return Reply(context, caller.status());
   const std::string id = *caller + request->session_id();
   absl::Status deleted = engine_->DeleteSession(id);
-  // A session another replica left in the shared state directory is deleted there too.
-  const bool stored = store_ != nullptr && store_->Forget(id);
-  if (absl::IsNotFound(deleted) && stored) deleted = absl::OkStatus();
+  // A session another replica left in the shared state directory is deleted there too; a
+  // refused delete (busy) leaves the snapshot alone.
+  if (deleted.ok() || absl::IsNotFound(deleted)) {
+    const bool stored = store_ != nullptr && store_->Forget(id);
+    if (absl::IsNotFound(deleted) && stored) deleted = absl::OkStatus();
+  }
   return Reply(context, deleted);
 }
 
 grpc::ServerWriteReactor<v1::SnapshotChunk>* RetNetService::ExportSession(
     grpc::CallbackServerContext* context, const v1::ExportSessionRequest* request) {
   auto caller = Admit(*context);
-  if (caller.ok()) (void)FindSession(*caller + request->session_id());
-  absl::StatusOr<std::string> snapshot =
-      caller.ok() ? engine_->SnapshotSession(*caller + request->session_id()) : caller.status();
+  absl::StatusOr<std::string> snapshot = [&]() -> absl::StatusOr<std::string> {
+    if (!caller.ok()) return caller.status();
+    RETURN_IF_ERROR(FindSession(*caller + request->session_id()).status());
+    return engine_->SnapshotSession(*caller + request->session_id());
+  }();
   if (!snapshot.ok()) {
     class Failed final : public grpc::ServerWriteReactor<v1::SnapshotChunk> {
      public:
@@ -594,7 +629,7 @@ grpc::ServerReadReactor<v1::ImportSessionRequest>* RetNetService::ImportSession(
   // A snapshot is the state plus a header and the token history: bound what one call may buffer.
   const int64_t limit =
       std::min<int64_t>(options_.max_snapshot_bytes, engine_->model_state_bytes() + (64 << 20));
-  return new ImportReactor(engine_, *caller, limit, response);
+  return new ImportReactor(engine_, store_, *caller, limit, response);
 }
 
 grpc::ServerUnaryReactor* RetNetService::Tokenize(grpc::CallbackServerContext* context,

@@ -39,14 +39,16 @@ class SessionStore {
   virtual ~SessionStore() = default;
   // Makes the engine's copy of session `id` (internal, key-prefixed) current: restores it when
   // the engine does not hold it and a snapshot is stored; with a shared store, replaces or drops
-  // the engine's copy when another replica has saved or deleted the session since.
-  virtual void Sync(const std::string& id) = 0;
+  // the engine's copy when another replica has saved or deleted the session since. An error
+  // means a stored snapshot exists but cannot be restored (the session must not be re-created).
+  virtual absl::Status Sync(const std::string& id) = 0;
   // The session was deleted: drop its stored snapshot, so that no replica revives it. True when
   // there was one.
   virtual bool Forget(const std::string& id) = 0;
   // Whether every turn is saved before its end is sent (replicas sharing the store).
   virtual bool write_through() const = 0;
-  // Saves session `id` (off the calling thread), then calls `done`.
+  // Saves session `id` (off the calling thread), then calls `done` (also when the save failed:
+  // the store then removes the stale file, so no replica resumes from an older state).
   virtual void Persist(const std::string& id, std::function<void()> done) = 0;
 };
 
@@ -113,6 +115,10 @@ class RetNetService final : public retnet::v1::RetNet::CallbackService {
 
   // The engine's session, synced with the store first.
   absl::StatusOr<engine::SessionInfo> FindSession(const std::string& id) const;
+
+  // Replies `status`; with write-through, an OK reply waits until session `id` is saved.
+  grpc::ServerUnaryReactor* ReplySaved(grpc::CallbackServerContext* context, const std::string& id,
+                                       const absl::Status& status) const;
 
   // The write-through hook for a turn on session `id`; empty without write-through.
   TurnStream::Persist PersistFor(const std::string& id) const;

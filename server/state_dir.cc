@@ -1,6 +1,7 @@
 #include "server/state_dir.h"
 
 #include <dirent.h>
+#include <fcntl.h>
 #include <spdlog/spdlog.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -9,6 +10,7 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <random>
 #include <set>
 #include <sstream>
 #include <vector>
@@ -50,20 +52,29 @@ std::vector<std::string> ListSnapshots(const std::string& dir) {
   return names;
 }
 
-// Written to a name of its own (host and pid: replicas may share the directory), then renamed.
-absl::Status WriteFileAtomically(const std::string& path, const std::string& data,
-                                 int64_t counter) {
-  char host[64] = {0};
-  ::gethostname(host, sizeof(host) - 1);
-  const std::string tmp = absl::StrCat(path, ".tmp.", host, ".", ::getpid(), ".", counter);
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    out.write(data.data(), static_cast<std::streamsize>(data.size()));
-    out.flush();
-    if (!out) {
-      std::remove(tmp.c_str());
-      return absl::InternalError(absl::StrCat(tmp, ": write failed"));
-    }
+// Written to a short temporary name of its own (replicas may share the directory; snapshot names
+// can be long), flushed to stable storage, then renamed over the snapshot.
+absl::Status WriteFileAtomically(const std::string& dir, const std::string& path,
+                                 const std::string& data, const std::string& tag, int64_t counter) {
+  const std::string tmp = absl::StrCat(dir, "/.tmp.", tag, ".", counter);
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) return absl::InternalError(absl::StrCat(tmp, ": ", std::strerror(errno)));
+  size_t off = 0;
+  bool ok = true;
+  while (ok && off < data.size()) {
+    const ssize_t n = ::write(fd, data.data() + off, data.size() - off);
+    if (n < 0 && errno == EINTR) continue;
+    ok = n > 0;
+    if (ok) off += static_cast<size_t>(n);
+  }
+  const int saved_errno = errno;
+  ok = ok && ::fsync(fd) == 0;
+  // close() reports deferred write errors on network filesystems (ENOSPC, EDQUOT).
+  ok = ::close(fd) == 0 && ok;
+  if (!ok) {
+    const std::string why = std::strerror(errno != 0 ? errno : saved_errno);
+    std::remove(tmp.c_str());
+    return absl::InternalError(absl::StrCat(tmp, ": write failed: ", why));
   }
   if (std::rename(tmp.c_str(), path.c_str()) != 0) {
     const std::string why = std::strerror(errno);
@@ -101,8 +112,16 @@ absl::StatusOr<std::unique_ptr<StateDirectory>> StateDirectory::Open(std::string
   return std::unique_ptr<StateDirectory>(new StateDirectory(std::move(dir), shared, engine));
 }
 
+namespace {
+// Tells this process's temporary files from other replicas' (containers all run as pid 1).
+std::string ProcessTag() {
+  std::random_device rd;
+  return absl::StrCat(::getpid(), "-", absl::Hex(rd(), absl::kZeroPad8));
+}
+}  // namespace
+
 StateDirectory::StateDirectory(std::string dir, bool shared, engine::Engine* engine)
-    : dir_(std::move(dir)), shared_(shared), engine_(engine) {
+    : dir_(std::move(dir)), shared_(shared), engine_(engine), tmp_tag_(ProcessTag()) {
   writer_ = std::thread([this] { WriterLoop(); });
 }
 
@@ -117,8 +136,14 @@ void StateDirectory::StopWriter() {
 }
 
 std::optional<StateDirectory::Stamp> StateDirectory::StatFile(const std::string& name) const {
+  // open() + fstat(), not stat(): on NFS an open revalidates the file (close-to-open
+  // consistency), where stat() may answer from cached attributes.
+  const int fd = ::open(Path(name).c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return std::nullopt;
   struct stat st;
-  if (::stat(Path(name).c_str(), &st) != 0) return std::nullopt;
+  const bool ok = ::fstat(fd, &st) == 0;
+  ::close(fd);
+  if (!ok) return std::nullopt;
   Stamp s;
   s.mtime_ns = static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec;
   s.size = static_cast<int64_t>(st.st_size);
@@ -126,27 +151,34 @@ std::optional<StateDirectory::Stamp> StateDirectory::StatFile(const std::string&
   return s;
 }
 
-bool StateDirectory::LoadLocked(const std::string& id) {
+absl::Status StateDirectory::LoadLocked(const std::string& id) {
   const std::string name = SnapshotFileName(id);
   const std::optional<Stamp> stamp = StatFile(name);
-  if (!stamp) return false;
+  if (!stamp) return absl::NotFoundError(absl::StrCat(name, ": no snapshot"));
   auto data = ReadFileToString(Path(name));
-  if (!data.ok()) return false;
+  if (!data.ok()) return absl::NotFoundError(absl::StrCat(name, ": no snapshot"));
   auto info = engine_->RestoreSession(*data, id);
   if (!info.ok()) {
     spdlog::warn("state dir: cannot restore {}: {}", name, std::string(info.status().message()));
-    return false;
+    // Out of capacity is worth a retry; anything else (a corrupt file, another model's
+    // snapshot) is lost state: the caller must not silently get a fresh session instead.
+    const absl::StatusCode code = absl::IsResourceExhausted(info.status())
+                                      ? absl::StatusCode::kResourceExhausted
+                                      : absl::StatusCode::kDataLoss;
+    return absl::Status(
+        code, absl::StrCat("session_id: the stored snapshot ", name, " cannot be restored (",
+                           info.status().message(), "); delete the session to start it over"));
   }
   owned_[name] = *stamp;
   spdlog::info("restored session {} from {} (position {})", name, dir_, info->position);
-  return true;
+  return absl::OkStatus();
 }
 
 absl::Status StateDirectory::SaveLocked(const std::string& id) {
   auto snap = engine_->SnapshotSession(id);
   if (!snap.ok()) return snap.status();
   const std::string name = SnapshotFileName(id);
-  absl::Status s = WriteFileAtomically(Path(name), *snap, ++tmp_counter_);
+  absl::Status s = WriteFileAtomically(dir_, Path(name), *snap, tmp_tag_, ++tmp_counter_);
   if (!s.ok()) return s;
   if (std::optional<Stamp> stamp = StatFile(name)) owned_[name] = *stamp;
   return absl::OkStatus();
@@ -168,7 +200,7 @@ int64_t StateDirectory::RestoreAll() {
     if (!HexDecode(name.substr(0, name.size() - kSuffixLen), &id)) continue;
     // An unreadable file is not owned, so it stays on disk: a restart with the right model
     // may want it.
-    if (LoadLocked(id)) ++restored;
+    if (LoadLocked(id).ok()) ++restored;
   }
   return restored;
 }
@@ -181,6 +213,9 @@ int64_t StateDirectory::SaveAll() {
     const std::string name = SnapshotFileName(info.id);
     present.insert(name);
     if (info.generating) continue;  // its previous file (if any) stays until the next round
+    // Shared: every change is written through, so only sessions never saved here need it
+    // (rewriting the others could only put an older copy over another replica's newer one).
+    if (shared_ && owned_.count(name) > 0) continue;
     if (ChangedElsewhereLocked(name)) {
       // Another replica has served this session since: our copy is stale. Drop it rather
       // than overwrite the newer file.
@@ -191,7 +226,7 @@ int64_t StateDirectory::SaveAll() {
     absl::Status s = SaveLocked(info.id);
     if (s.ok()) {
       ++written;
-    } else if (!absl::IsNotFound(s) && !absl::IsFailedPrecondition(s)) {
+    } else if (!absl::IsNotFound(s) && !absl::IsFailedPrecondition(s) && !absl::IsDataLoss(s)) {
       spdlog::error("snapshot of a session failed: {}", std::string(s.message()));
     }
   }
@@ -208,23 +243,28 @@ int64_t StateDirectory::SaveAll() {
   return written;
 }
 
-void StateDirectory::Sync(const std::string& id) {
+absl::Status StateDirectory::Sync(const std::string& id) {
+  // Alone on the directory, a session the engine holds is current: no lock, no file access.
+  if (!shared_ && engine_->GetSession(id).ok()) return absl::OkStatus();
   absl::MutexLock lock(&mu_);
   auto info = engine_->GetSession(id);
   if (absl::IsNotFound(info.status())) {
-    (void)LoadLocked(id);
-    return;
+    absl::Status s = LoadLocked(id);
+    return absl::IsNotFound(s) ? absl::OkStatus() : s;
   }
   const std::string name = SnapshotFileName(id);
-  if (!info.ok() || info->generating || !ChangedElsewhereLocked(name)) return;
+  if (!info.ok() || info->generating || !ChangedElsewhereLocked(name)) return absl::OkStatus();
   // Another replica saved (or deleted) this session after we last did: its state is newer.
-  (void)engine_->DeleteSession(id);
+  if (!engine_->DeleteSession(id).ok()) return absl::OkStatus();  // became busy: keep it
   owned_.erase(name);
-  if (LoadLocked(id)) {
+  absl::Status s = LoadLocked(id);
+  if (s.ok()) {
     spdlog::info("session {}: replaced a stale copy with the shared directory's", name);
-  } else {
+  } else if (absl::IsNotFound(s)) {
     spdlog::info("session {}: deleted on another replica; dropped here", name);
+    return absl::OkStatus();
   }
+  return s;
 }
 
 bool StateDirectory::Forget(const std::string& id) {
@@ -266,8 +306,12 @@ void StateDirectory::WriterLoop() {
       // NOT_FOUND: deleted meanwhile; FAILED_PRECONDITION: its next turn already started and
       // will save it when it ends.
       if (!s.ok() && !absl::IsNotFound(s) && !absl::IsFailedPrecondition(s)) {
-        spdlog::error("write-through save of {} failed: {}", SnapshotFileName(job.first),
-                      std::string(s.message()));
+        // The file would be a turn behind: remove it rather than let a replica resume from it.
+        // The session stays here; the next periodic round saves it again (it has no stamp).
+        const std::string name = SnapshotFileName(job.first);
+        std::remove(Path(name).c_str());
+        owned_.erase(name);
+        spdlog::error("write-through save of {} failed: {}", name, std::string(s.message()));
       }
     }
     job.second();

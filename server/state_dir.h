@@ -12,7 +12,10 @@
 //  - a replica remembers the file it last wrote or read for each session (mtime, size, inode);
 //    when another replica has saved that session since, the local copy is stale and is replaced
 //    by the file (or dropped, when the file was deleted);
-//  - a replica removes only files of sessions it held, and only if nobody wrote them since.
+//  - a session created by a fork, an import or CreateSession is saved before the reply;
+//  - the periodic round saves only sessions never saved (a failed write-through removes the
+//    file and the stamp, so it is saved again), and removes files of sessions it held that are
+//    gone, unless another replica wrote them since.
 // One session must be served by one replica at a time; the directory does not arbitrate two
 // replicas continuing the same session at once.
 //
@@ -57,7 +60,7 @@ class StateDirectory final : public SessionStore {
   // Finishes the queued saves and stops the writer thread. Idempotent.
   void StopWriter();
 
-  void Sync(const std::string& id) override;
+  absl::Status Sync(const std::string& id) override;
   bool Forget(const std::string& id) override;
   bool write_through() const override { return shared_; }
   void Persist(const std::string& id, std::function<void()> done) override;
@@ -76,8 +79,8 @@ class StateDirectory final : public SessionStore {
   StateDirectory(std::string dir, bool shared, engine::Engine* engine);
   std::string Path(const std::string& name) const { return dir_ + "/" + name; }
   std::optional<Stamp> StatFile(const std::string& name) const;
-  // Restores session `id` from its file; records the file's stamp.
-  bool LoadLocked(const std::string& id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Restores session `id` from its file; records the file's stamp. NOT_FOUND: no file.
+  absl::Status LoadLocked(const std::string& id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Snapshots session `id` into its file; records the new stamp.
   absl::Status SaveLocked(const std::string& id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Shared: another replica saved or deleted `name` after we last wrote or read it.
@@ -87,6 +90,7 @@ class StateDirectory final : public SessionStore {
   const std::string dir_;
   const bool shared_;
   engine::Engine* const engine_;
+  const std::string tmp_tag_;
 
   mutable absl::Mutex mu_;
   // Files of the sessions this server held, with the stamp of its last write or read.

@@ -307,9 +307,16 @@ def test_bench(cli, tmp):
     o = cli.json("bench", "--rate", "25", "-n", "20", "-c", "8", "--output-tokens", "8", "--json", "-")
     check(o["config"]["mode"] == "open" and o["requests"]["completed"] == 20 and o["errors"] == {},
           "bench open loop (Poisson) completes its requests")
+    # 20 arrivals at 25/s take about 0.8 s; the run ends with its last request, not an arrival later.
+    check(o["duration_s"] < 20 / 25 * 3 + 1, f"bench open loop ends with its last request ({o['duration_s']:.2f} s)")
+    slow = cli.json("bench", "--rate", "0.2", "--duration", "1", "--output-tokens", "4", "--json", "-")
+    check(slow["duration_s"] < 1.5 and slow["requests"]["sent"] >= 1,
+          f"bench open loop: the first user arrives at once and the run stops at --duration "
+          f"({slow['duration_s']:.2f} s, {slow['requests']['sent']} sent)")
     tight = cli.json("bench", "-c", "2", "-n", "6", "--output-tokens", "16", "--slo-tpot-ms", "0.000001",
                      "--json", "-")
-    check(tight["goodput"]["requests"] == 0, "bench: an impossible TPOT target gives zero goodput")
+    check(tight["requests"]["completed"] == 6 and tight["goodput"]["requests"] == 0,
+          "bench: -n 6 sends 6; an impossible TPOT target gives zero goodput")
 
     st = cli.json("bench", "--self-test", "-c", "2", "-n", "20", "--output-tokens", "200", "--json", "-")
     check(st["self_test"] and st["requests"]["completed"] == 20 and st["output_tokens"] == 4000,
