@@ -19,8 +19,17 @@ Client::Client(ConnectionOptions options, std::shared_ptr<grpc::Channel> channel
 absl::StatusOr<Client> Client::Connect(const ConnectionOptions& options) {
   if (options.target.empty()) return absl::InvalidArgumentError("--target: empty address");
   std::shared_ptr<grpc::ChannelCredentials> creds = grpc::InsecureChannelCredentials();
+  if (options.retries < 0 || options.retries > 4) {
+    return absl::InvalidArgumentError("--retries: must be in [0, 4]");
+  }
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(64 << 20);
+  if (options.retries > 0) {
+    args.SetInt(GRPC_ARG_ENABLE_RETRIES, 1);
+    args.SetServiceConfigJSON(RetryServiceConfig(options.retries));
+  } else {
+    args.SetInt(GRPC_ARG_ENABLE_RETRIES, 0);
+  }
   if (options.tls || !options.tls_ca_file.empty()) {
     grpc::SslCredentialsOptions ssl;
     if (!options.tls_ca_file.empty()) {
@@ -47,6 +56,17 @@ void Client::Prepare(grpc::ClientContext* context, const std::string& session_id
     context->AddMetadata("authorization", "Bearer " + options_.api_key);
   }
   if (!session_id.empty()) context->AddMetadata(kSessionHeader, session_id);
+}
+
+std::string RetryServiceConfig(int retries) {
+  if (retries <= 0) return "";
+  // Only UNAVAILABLE, and gRPC retries only calls that have received nothing yet: a refused call
+  // (loading, draining, connection refused), never a turn that has started streaming.
+  return absl::StrCat(
+      R"({"methodConfig":[{"name":[{"service":"retnet.v1.RetNet"}],"retryPolicy":{"maxAttempts":)",
+      retries + 1,
+      R"(,"initialBackoff":"0.1s","maxBackoff":"2s","backoffMultiplier":2,)"
+      R"("retryableStatusCodes":["UNAVAILABLE"]}}]})");
 }
 
 absl::Status FromGrpc(const grpc::Status& status) {

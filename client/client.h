@@ -40,7 +40,14 @@ struct ConnectionOptions {
   std::string tls_server_name;  // overrides the name checked against the certificate
   std::string api_key;          // sent as "authorization: Bearer <key>"
   absl::Duration timeout = absl::Seconds(300);  // per call (a whole stream counts as one call)
+  // Attempts after the first for a call that failed with UNAVAILABLE before the server sent it
+  // anything (gRPC's own retry: exponential backoff from 0.1 s; at most 4). Behind a gateway
+  // this carries a call over a replica's drain to the next replica. 0 = no retries.
+  int retries = 3;
 };
+
+// The channel's service config for `retries` (empty for 0).
+std::string RetryServiceConfig(int retries);
 
 // A finished turn as the client saw it.
 struct TurnResult {

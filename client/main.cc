@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <iostream>
 #include <sstream>
@@ -341,6 +342,10 @@ int main(int argc, char** argv) {
   app.add_option("--tls-server-name", conn.tls_server_name, "name to check in the certificate");
   app.add_option("--api-key", conn.api_key, "bearer token")->envname("RETNET_API_KEY");
   app.add_option("--timeout", timeout_s, "per-call deadline in seconds")->capture_default_str();
+  app.add_option("--retries", conn.retries,
+                 "retries of a call refused with UNAVAILABLE (0-4; bench defaults to 0)")
+      ->envname("RETNET_RETRIES")
+      ->capture_default_str();
 
   // generate
   CLI::App* gen = app.add_subcommand("generate", "stream one turn's tokens to the terminal");
@@ -447,8 +452,14 @@ int main(int argc, char** argv) {
   }
   if (!(timeout_s > 0)) return FailUsage("--timeout: must be > 0");
   conn.timeout = absl::Seconds(timeout_s);
-  // A probe answers fast or not at all (Docker and Kubernetes have their own timeouts too).
+  // A probe answers fast or not at all (Docker and Kubernetes have their own timeouts too), and
+  // a probe that retries would hide what it probes.
   if (health->parsed() && app.count("--timeout") == 0) conn.timeout = absl::Seconds(5);
+  if (health->parsed() && app.count("--retries") == 0) conn.retries = 0;
+  // A measurement counts refusals as errors unless retries are asked for.
+  if (bench->parsed() && app.count("--retries") == 0 && std::getenv("RETNET_RETRIES") == nullptr) {
+    conn.retries = 0;
+  }
 
   std::unique_ptr<retnet::client::InstantServer> instant;
   if (bench->parsed() && self_test) {

@@ -51,6 +51,29 @@ function rpcError(code, details) {
 }
 
 /** Thin wrapper over the retnet.v1.RetNet stub. */
+/**
+ * Channel options that retry a call refused with UNAVAILABLE before anything was received
+ * (a replica loading or draining behind a gateway), with exponential backoff; 0 = none.
+ */
+function retryOptions(retries) {
+  if (!retries) return { 'grpc.enable_retries': 0 };
+  return {
+    'grpc.enable_retries': 1,
+    'grpc.service_config': JSON.stringify({
+      methodConfig: [{
+        name: [{ service: 'retnet.v1.RetNet' }],
+        retryPolicy: {
+          maxAttempts: Math.min(retries + 1, 5),
+          initialBackoff: '0.1s',
+          maxBackoff: '2s',
+          backoffMultiplier: 2,
+          retryableStatusCodes: ['UNAVAILABLE'],
+        },
+      }],
+    }),
+  };
+}
+
 class Client {
   /**
    * @param {string} target host:port
@@ -59,12 +82,12 @@ class Client {
    * @param {Buffer|string} [options.rootCerts] PEM roots; given = TLS, else plaintext
    * @param {number} [options.timeoutMs=120000] deadline of every call
    */
-  constructor(target, { apiKey = null, rootCerts = null, timeoutMs = 120000 } = {}) {
+  constructor(target, { apiKey = null, rootCerts = null, timeoutMs = 120000, retries = 3 } = {}) {
     const creds = rootCerts != null
       ? grpc.credentials.createSsl(Buffer.isBuffer(rootCerts) ? rootCerts : Buffer.from(rootCerts))
       : grpc.credentials.createInsecure();
     const Service = retnetService();
-    this._stub = new Service(target, creds);
+    this._stub = new Service(target, creds, retryOptions(retries));
     this._apiKey = apiKey || null;
     this._timeoutMs = timeoutMs;
     /** The Final message of the latest generate()/complete() turn (null until one arrives). */

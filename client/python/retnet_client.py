@@ -12,6 +12,7 @@ into build/python; put that folder on sys.path (or PYTHONPATH) before importing 
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Iterator, List, Optional, Sequence
 
 import grpc
@@ -38,15 +39,27 @@ class Result:
     final: "pb.Final"
 
 
+def _retry_options(retries: int):
+    """Channel options that retry a call refused with UNAVAILABLE before anything was received
+    (a replica loading or draining behind a gateway), with exponential backoff; 0 = none."""
+    if retries <= 0:
+        return [("grpc.enable_retries", 0)]
+    policy = {"maxAttempts": min(retries + 1, 5), "initialBackoff": "0.1s", "maxBackoff": "2s",
+              "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}
+    config = {"methodConfig": [{"name": [{"service": "retnet.v1.RetNet"}], "retryPolicy": policy}]}
+    return [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(config))]
+
+
 class Client:
     """Thin, typed wrapper over the retnet.v1.RetNet stub."""
 
     def __init__(self, target: str, api_key: Optional[str] = None,
-                 root_certificates: Optional[bytes] = None, timeout: float = 120.0):
+                 root_certificates: Optional[bytes] = None, timeout: float = 120.0, retries: int = 3):
+        options = _retry_options(retries)
         if root_certificates is not None:
-            self._channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates))
+            self._channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates), options)
         else:
-            self._channel = grpc.insecure_channel(target)
+            self._channel = grpc.insecure_channel(target, options)
         self._stub = pb_grpc.RetNetStub(self._channel)
         self._metadata = [("authorization", f"Bearer {api_key}")] if api_key else []
         self._timeout = timeout

@@ -327,10 +327,49 @@ def test_bench(cli, tmp):
           f"the server's ITL ({real_itl * 1e3:.0f} us)")
 
 
+def test_retries(client_bin, stubs):
+    """A call refused with UNAVAILABLE (a replica loading or draining) is retried with backoff."""
+    sys.path.insert(0, stubs)
+    from concurrent import futures
+
+    import grpc
+    from retnet.v1 import retnet_pb2 as pb
+    from retnet.v1 import retnet_pb2_grpc as pb_grpc
+
+    class Flaky(pb_grpc.RetNetServicer):
+        calls = 0
+
+        def GetModelInfo(self, request, context):
+            Flaky.calls += 1
+            if Flaky.calls <= 2:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "server is loading the model; retry shortly")
+            return pb.ModelInfo(family="flaky", vocab_size=3)
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_RetNetServicer_to_server(Flaky(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        cli = Cli(client_bin, f"127.0.0.1:{port}")
+        p = cli.run("model", "--json")
+        check(p.returncode == 0 and json.loads(p.stdout)["family"] == "flaky" and Flaky.calls == 3,
+              f"a call refused twice with UNAVAILABLE succeeds on the third attempt ({Flaky.calls} calls)")
+        Flaky.calls = 0
+        p = cli.run("--retries", "0", "model")
+        check(p.returncode == EXIT_RPC + CODE["UNAVAILABLE"] and Flaky.calls == 1,
+              "--retries 0: the refusal is reported at once")
+        Flaky.calls = 0
+        p = cli.run("--retries", "1", "model")
+        check(p.returncode == EXIT_RPC + CODE["UNAVAILABLE"] and Flaky.calls == 2, "--retries 1: two attempts")
+    finally:
+        server.stop(None)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--client", required=True)
     ap.add_argument("--server", required=True)
+    ap.add_argument("--stubs", required=True)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         srv = Server(args.server, tmp, "main")
@@ -344,6 +383,7 @@ def main():
         finally:
             srv.stop()
         test_secured(args.client, args.server, tmp)
+    test_retries(args.client, args.stubs)
     print(f"{len(FAILURES)} failure(s)" if FAILURES else "all checks passed")
     return 1 if FAILURES else 0
 

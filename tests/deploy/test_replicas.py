@@ -12,6 +12,7 @@ The gateway is rendered from the same template the compose file and Kubernetes u
 """
 
 import argparse
+import csv
 import json
 import os
 import shutil
@@ -269,6 +270,35 @@ def main():
         except grpc.RpcError as e:
             dropped = e.code() == grpc.StatusCode.NOT_FOUND
         check(dropped, "a session deleted on one replica is gone on the other too")
+
+        # 7. Load through the gateway while a replica is stopped: its sessions move mid-load, calls
+        #    refused while it drains are retried, and nothing fails.
+        # (a fresh gateway over both live replicas: the old one has the stopped replica's address)
+        gw.stop()
+        gw = Gateway(args.nginx, args.template, tmp, [r.target for r in replicas])
+        csv_path = os.path.join(tmp, "drain-load.csv")
+        t0 = time.monotonic()
+        load = subprocess.Popen([args.client, "--target", gw.target, "--retries", "4", "bench", "-c", "4",
+                                 "--duration", "5", "--turns", "3", "--prompt-tokens", "8:24", "--output-tokens",
+                                 "16", "--json", "-", "--csv", csv_path], stdout=subprocess.PIPE, text=True)
+        started = False
+        for _ in range(1000):  # bounded: until the load has sessions on the replica to stop
+            if any(x.session_id.startswith("bench-") for x in back.list_sessions()):
+                started = True
+                break
+            time.sleep(0.01)
+        t_sig = time.monotonic() - t0
+        replicas[victim].proc.send_signal(signal.SIGTERM)
+        replicas[victim].proc.wait(timeout=90)
+        out, _ = load.communicate(timeout=300)
+        rep = json.loads(out) if load.returncode == 0 else {}
+        rows = list(csv.DictReader(open(csv_path))) if os.path.exists(csv_path) else []
+        later = [r for r in rows if float(r["start_s"]) > t_sig + 0.5]
+        check(started and rep.get("errors") == {} and rep["requests"]["completed"] == rep["requests"]["sent"],
+              f"load through the gateway across a replica's SIGTERM: no errors ({rep.get('errors')}, "
+              f"{rep.get('requests')})")
+        check(len(later) > 0 and all(r["status"] == "OK" for r in later),
+              f"requests after the SIGTERM completed on the other replica ({len(later)})")
         back.close()
         via.close()
         for c in direct:
