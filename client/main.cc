@@ -260,6 +260,7 @@ class ChatRepl {
         std::printf("forked %s -> %s; now on %s\n", session_.c_str(), s->session_id().c_str(),
                     s->session_id().c_str());
         session_ = s->session_id();
+        started_ = true;  // the fork exists
       } else {
         *rc = Fail(s.status());
       }
@@ -281,7 +282,9 @@ class ChatRepl {
     v1::ChatRequest req;
     v1::GenerateRequest* turn = req.mutable_turn();
     turn->set_session_id(session_);
-    turn->set_create_session(true);
+    // Only the REPL's first turn may create the session: later, a session that expired (or was
+    // deleted) is reported as NOT_FOUND instead of silently starting over.
+    turn->set_create_session(!started_);
     turn->set_text(text);
     if (absl::Status s = flags_.Apply(turn); !s.ok()) return s;
     if (!stream_->Write(req)) return Finish();
@@ -294,6 +297,7 @@ class ChatRepl {
       } else if (msg.has_final()) {
         std::printf("%s\n", msg.final().text().c_str());
         std::fflush(stdout);
+        started_ = true;
         return absl::OkStatus();
       }
     }
@@ -322,6 +326,7 @@ class ChatRepl {
   const Client& client_;
   const TurnFlags& flags_;
   std::string session_;
+  bool started_ = false;  // a turn has run (or the session was forked into existence)
   std::unique_ptr<grpc::ClientContext> ctx_;
   std::unique_ptr<grpc::ClientReaderWriter<v1::ChatRequest, v1::GenerateResponse>> stream_;
 };

@@ -97,6 +97,9 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
     stream_->Attach([this] { Pump(); });
     if (persist) stream_->SetPersist(persist);
     const std::string internal_id = turn.request.session_id;
+    // Accepted: the headers go out now, which commits the call on the client side, so a client's
+    // retry policy (UNAVAILABLE) can only ever re-send a call that was refused, never a turn.
+    StartSendInitialMetadata();
     auto generation = engine->Submit(std::move(turn.request), stream_);
     if (!generation.ok()) {
       if (turn.created) (void)engine->DeleteSession(internal_id);
@@ -205,6 +208,11 @@ class ChatReactor final : public grpc::ServerBidiReactor<v1::ChatRequest, v1::Ge
       if (session_.empty()) session_ = turn->public_id;
       stream_ = stream;
       in_turn_ = true;
+      if (!metadata_sent_ && !finished_) {
+        // The first accepted turn commits the call (see GenerateReactor).
+        metadata_sent_ = true;
+        StartSendInitialMetadata();
+      }
     }
     auto generation = engine_->Submit(std::move(turn->request), stream);
     if (!generation.ok() && turn->created) (void)engine_->DeleteSession(internal_id);
@@ -302,6 +310,7 @@ class ChatReactor final : public grpc::ServerBidiReactor<v1::ChatRequest, v1::Ge
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
   bool closed_ ABSL_GUARDED_BY(mu_) = false;
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
+  bool metadata_sent_ ABSL_GUARDED_BY(mu_) = false;
   v1::ChatRequest in_;
   v1::GenerateResponse out_;
 };

@@ -9,6 +9,7 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <ctime>
 #include <fstream>
 #include <random>
 #include <set>
@@ -108,6 +109,20 @@ absl::StatusOr<std::unique_ptr<StateDirectory>> StateDirectory::Open(std::string
                                                                      engine::Engine* engine) {
   if (::mkdir(dir.c_str(), 0755) != 0 && errno != EEXIST) {
     return absl::InvalidArgumentError(absl::StrCat("state dir ", dir, ": ", std::strerror(errno)));
+  }
+  // Temporary files a crash left behind (an hour old: another replica's write in progress is
+  // younger by far).
+  if (DIR* d = ::opendir(dir.c_str())) {
+    const time_t cutoff = ::time(nullptr) - 3600;
+    while (dirent* e = ::readdir(d)) {
+      const std::string name = e->d_name;
+      struct stat st;
+      const std::string path = dir + "/" + name;
+      if (name.rfind(".tmp.", 0) == 0 && ::stat(path.c_str(), &st) == 0 && st.st_mtime < cutoff) {
+        std::remove(path.c_str());
+      }
+    }
+    ::closedir(d);
   }
   return std::unique_ptr<StateDirectory>(new StateDirectory(std::move(dir), shared, engine));
 }

@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <utime.h>
 
 #include <fstream>
 #include <map>
@@ -689,8 +690,13 @@ TEST(ServerRestartTest, AfterSigkillThePeriodicSnapshotIsRestored) {
     ASSERT_TRUE(on_disk);
     p.Kill();  // no drain, no final snapshot
   }
-  // A half-written temporary file from the crash must not stop a clean start.
+  // A half-written temporary file from the crash must not stop a clean start; an hour-old one
+  // of the server's own naming is removed, a fresh one (another replica's write) is not.
   std::ofstream(dir + "/00.snap.tmp") << "partial";
+  std::ofstream(dir + "/.tmp.1-dead.7") << "partial";
+  std::ofstream(dir + "/.tmp.2-live.1") << "partial";
+  const struct utimbuf old_times = {::time(nullptr) - 7200, ::time(nullptr) - 7200};
+  ASSERT_EQ(::utime((dir + "/.tmp.1-dead.7").c_str(), &old_times), 0);
   std::ofstream(dir + "/6a756e6b.snap") << "not a snapshot";
   Process p(dir, dir + "/port2", "0.1");
   const int port = WaitForPort(dir + "/port2");
@@ -698,6 +704,8 @@ TEST(ServerRestartTest, AfterSigkillThePeriodicSnapshotIsRestored) {
   Client c(port);
   int chunks = 0;
   EXPECT_EQ(c.Export("durable", &chunks), saved);
+  EXPECT_FALSE(std::ifstream(dir + "/.tmp.1-dead.7").good());
+  EXPECT_TRUE(std::ifstream(dir + "/.tmp.2-live.1").good());
   // Skipped at start; asked for by name, it is lost state (not a fresh session), and deleting
   // the session removes the file.
   EXPECT_EQ(c.Get("junk").status().code(), absl::StatusCode::kDataLoss);
