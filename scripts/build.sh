@@ -5,8 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
 # The Node client's pinned dependencies (package-lock.json), for its test.
+# Without the registry the Node test reports itself skipped; nothing else depends on it.
 if command -v npm >/dev/null 2>&1 && [ ! -d client/node/node_modules/@grpc/grpc-js ]; then
-  npm ci --prefix client/node --no-audit --no-fund --loglevel=error >/dev/null
+  npm ci --prefix client/node --no-audit --no-fund --loglevel=error >/dev/null ||
+    echo "build: npm ci in client/node failed; the Node client test will be skipped" >&2
 fi
 export CCACHE_SLOPPINESS=pch_defines,time_macros,include_file_mtime,include_file_ctime
 if [ ! -f build/CMakeCache.txt ]; then
