@@ -271,6 +271,33 @@ def test_chat_pty(cli):
     check(os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, "pty: /quit exits 0")
 
 
+def test_bench_progress_pty(cli):
+    """On a terminal, bench draws a live progress line on stderr (and none from a pipe)."""
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execv(cli.binary, [cli.binary, "--target", cli.target, "bench", "-c", "2", "-n", "12",
+                              "--output-tokens", "32"])
+    buf = b""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        r, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not r:
+            break
+        try:
+            data = os.read(fd, 4096)
+        except OSError:
+            break
+        if not data:
+            break
+        buf += data
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    check(os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 and b"\r[" in buf and b"100.0%" in buf
+          and b"12 requests" in buf, "bench on a terminal: a live progress line that reaches 100%")
+    piped = cli.run("bench", "-c", "2", "-n", "4", "--output-tokens", "8")
+    check(piped.returncode == 0 and "\r[" not in piped.stderr, "bench from a pipe: no progress line")
+
+
 def test_bench(cli, tmp):
     rep, csv_path = os.path.join(tmp, "bench.json"), os.path.join(tmp, "bench.csv")
     p = cli.run("bench", "-c", "4", "--duration", "3", "--warmup", "2", "--prompt-tokens", "8:32",
@@ -380,6 +407,7 @@ def main():
             test_chat_pipe(cli)
             test_chat_pty(cli)
             test_bench(cli, tmp)
+            test_bench_progress_pty(cli)
         finally:
             srv.stop()
         test_secured(args.client, args.server, tmp)
