@@ -224,76 +224,76 @@ def test_chat_pipe(cli):
     check(b["position"] > a["position"], "the turn after /fork went to the fork, not the source")
 
 
-def test_chat_pty(cli):
-    pid, fd = pty.fork()
-    if pid == 0:
-        os.execv(cli.binary, [cli.binary, "--target", cli.target, "chat", "--session", "chat-pty", *greedy(16)])
-    buf = b""
+class Pty:
+    """A child process on a pseudo-terminal; every read and the final wait are bounded."""
 
-    def read_until(marker, limit_s=60):
-        nonlocal buf
+    def __init__(self, argv):
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:
+            os.execv(argv[0], argv)
+        self.buf = b""
+
+    def read_until(self, marker, limit_s=60):
+        """Reads into `buf` until `marker` is in it, the child closes the terminal, or time is up."""
         deadline = time.monotonic() + limit_s
-        while marker not in buf and time.monotonic() < deadline:
-            r, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        while marker not in self.buf and time.monotonic() < deadline:
+            r, _, _ = select.select([self.fd], [], [], max(0.0, deadline - time.monotonic()))
             if not r:
                 break
             try:
-                data = os.read(fd, 4096)
+                data = os.read(self.fd, 4096)
             except OSError:
                 break
             if not data:
                 break
-            buf += data
-        return marker in buf
+            self.buf += data
+        return marker in self.buf
 
-    try:
-        check(read_until(b"> ") and b"chat on session chat-pty" in buf, "pty: banner and prompt")
-        buf = b""
-        os.write(fd, b"In the beginning\n")
-        got = read_until(b"\n> ")
-        ref = cli.json("generate", "In the beginning", "--session", "chat-pty-ref", *greedy(16), "--json")
-        check(got and ref["text"].encode() in buf, "pty: the turn streams the model's text, then a prompt")
-        buf = b""
-        os.write(fd, b"/help\n")
-        check(read_until(b"/quit") and read_until(b"> "), "pty: /help lists the commands")
-        os.write(fd, b"/quit\n")
-        read_until(b"\x00", limit_s=10)  # drain until the child closes the terminal
-    finally:
-        for _ in range(1000):  # bounded wait for the REPL to exit
-            done, status = os.waitpid(pid, os.WNOHANG)
+    def write(self, data):
+        os.write(self.fd, data)
+
+    def wait(self):
+        """The child's exit status (killed after 10 s)."""
+        for _ in range(1000):
+            done, status = os.waitpid(self.pid, os.WNOHANG)
             if done:
                 break
             time.sleep(0.01)
         else:
-            os.kill(pid, signal.SIGKILL)
-            done, status = os.waitpid(pid, 0)
-        os.close(fd)
+            os.kill(self.pid, signal.SIGKILL)
+            _, status = os.waitpid(self.pid, 0)
+        os.close(self.fd)
+        return status
+
+
+def test_chat_pty(cli):
+    t = Pty([cli.binary, "--target", cli.target, "chat", "--session", "chat-pty", *greedy(16)])
+    try:
+        check(t.read_until(b"> ") and b"chat on session chat-pty" in t.buf, "pty: banner and prompt")
+        t.buf = b""
+        t.write(b"In the beginning\n")
+        got = t.read_until(b"\n> ")
+        ref = cli.json("generate", "In the beginning", "--session", "chat-pty-ref", *greedy(16), "--json")
+        check(got and ref["text"].encode() in t.buf, "pty: the turn streams the model's text, then a prompt")
+        t.buf = b""
+        t.write(b"/help\n")
+        check(t.read_until(b"/quit") and t.read_until(b"> "), "pty: /help lists the commands")
+        t.write(b"/quit\n")
+        t.read_until(b"\x00", limit_s=10)  # drain until the child closes the terminal
+    finally:
+        status = t.wait()
     check(os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, "pty: /quit exits 0")
 
 
 def test_bench_progress_pty(cli):
     """On a terminal, bench draws a live progress line on stderr (and none from a pipe)."""
-    pid, fd = pty.fork()
-    if pid == 0:
-        os.execv(cli.binary, [cli.binary, "--target", cli.target, "bench", "-c", "2", "-n", "12",
-                              "--output-tokens", "32"])
-    buf = b""
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        r, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
-        if not r:
-            break
-        try:
-            data = os.read(fd, 4096)
-        except OSError:
-            break
-        if not data:
-            break
-        buf += data
-    _, status = os.waitpid(pid, 0)
-    os.close(fd)
-    check(os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 and b"\r[" in buf and b"100.0%" in buf
-          and b"12 requests" in buf, "bench on a terminal: a live progress line that reaches 100%")
+    t = Pty([cli.binary, "--target", cli.target, "bench", "-c", "2", "-n", "12", "--output-tokens", "32"])
+    try:
+        t.read_until(b"\x00", limit_s=120)  # everything, until the child closes the terminal
+    finally:
+        status = t.wait()
+    check(os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 and b"\r[" in t.buf and b"100.0%" in t.buf
+          and b"12 requests" in t.buf, "bench on a terminal: a live progress line that reaches 100%")
     piped = cli.run("bench", "-c", "2", "-n", "4", "--output-tokens", "8")
     check(piped.returncode == 0 and "\r[" not in piped.stderr, "bench from a pipe: no progress line")
 
