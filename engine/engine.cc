@@ -466,7 +466,7 @@ absl::StatusOr<std::shared_ptr<Generation>> Engine::Submit(GenerateRequest reque
   const model::ModelConfig& c = model_->config();
   RETURN_IF_ERROR(ValidateSamplingParams(request.sampling, c.vocab_size));
   if (request.sampling.max_new_tokens > options_.max_new_tokens_limit) {
-    return absl::InvalidArgumentError(absl::StrCat("sampling.max_new_tokens: at most ",
+    return absl::InvalidArgumentError(absl::StrCat("stopping.max_new_tokens: at most ",
                                                    options_.max_new_tokens_limit, ", got ",
                                                    request.sampling.max_new_tokens));
   }

@@ -85,7 +85,11 @@ const char* FinishReasonName(FinishReason r);
 
 struct TokenEvent {
   int64_t token = -1;
-  std::string text;  // newly safe text (may be empty: held back for UTF-8 or a partial stop string)
+  // Newly safe text, always valid UTF-8 (may be empty: held back for an unfinished character or a
+  // partial stop string).
+  std::string text;
+  std::string bytes;  // the token's exact bytes (empty for special tokens)
+  bool has_logprob = false;  // the request asked for log probabilities
   float logprob = 0;
   std::vector<std::pair<int64_t, float>> top_logprobs;
 };
@@ -93,7 +97,7 @@ struct TokenEvent {
 struct Finish {
   FinishReason reason = FinishReason::kLength;
   absl::Status status;      // OK unless kError (or a request refused at admission)
-  std::string text;         // trailing text released at the end (after the last event)
+  std::string text;         // trailing text released at the end (valid UTF-8)
   std::string stop_string;  // the matched stop string, for kStop by string
   int64_t prompt_tokens = 0;
   int64_t completion_tokens = 0;

@@ -11,8 +11,21 @@
 namespace retnet::engine {
 namespace {
 
-absl::Status Bad(const char* field, const std::string& why) {
-  return absl::InvalidArgumentError(absl::StrCat("sampling.", field, ": ", why));
+// Messages name the field as the wire API spells it (retnet.v1.GenerateRequest): the engine's
+// SamplingParams merges `sampling`, `stopping` and `logprobs`.
+absl::Status Bad(const std::string& field, const std::string& why) {
+  std::string path;
+  if (field == "max_new_tokens" || field == "min_tokens" || field == "stop_token_ids" ||
+      field == "ignore_eos") {
+    path = "stopping." + field;
+  } else if (field == "stop_strings") {
+    path = "stopping.stop";
+  } else if (field == "logprobs") {
+    path = "logprobs";
+  } else {
+    path = "sampling." + field;
+  }
+  return absl::InvalidArgumentError(absl::StrCat(path, ": ", why));
 }
 
 bool InVocab(int64_t id, int64_t vocab_size) { return id >= 0 && id < vocab_size; }

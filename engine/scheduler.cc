@@ -297,8 +297,10 @@ bool Engine::Deliver(Request& r, const SampleResult& sample) {
       std::find(p.stop_token_ids.begin(), p.stop_token_ids.end(), token) != p.stop_token_ids.end();
   TokenEvent event;
   event.token = token;
-  if (!is_eos && !is_stop_id) event.text = r.matcher.Append(tokenizer_->TokenBytes(token));
+  event.bytes = tokenizer_->TokenBytes(token);
+  if (!is_eos && !is_stop_id) event.text = r.matcher.Append(event.bytes);
   if (p.logprobs >= 0) {
+    event.has_logprob = true;
     event.logprob = sample.logprob;
     event.top_logprobs = sample.top;
   }

@@ -2,7 +2,6 @@
 
 #include <algorithm>
 
-#include "model/tokenizer.h"
 
 namespace retnet::engine {
 
@@ -12,10 +11,10 @@ StopMatcher::StopMatcher(std::vector<std::string> stop_strings) : stops_(std::mo
 
 std::string StopMatcher::Append(const std::string& bytes) {
   if (stopped_) return "";
-  text_ += bytes;
-  // A stop string can only end inside the new bytes, so search from max_stop_ before them.
-  const size_t from =
-      text_.size() - bytes.size() >= max_stop_ ? text_.size() - bytes.size() - max_stop_ + 1 : 0;
+  const size_t before = text_.size();
+  text_ += utf8_.Append(bytes);
+  // A stop string can only end inside the new text, so search from max_stop_ before it.
+  const size_t from = before >= max_stop_ ? before - max_stop_ + 1 : 0;
   size_t best = std::string::npos;
   for (const auto& s : stops_) {
     const size_t at = text_.find(s, std::max(from, emitted_));
@@ -40,10 +39,9 @@ std::string StopMatcher::Append(const std::string& bytes) {
       }
     }
   }
-  size_t end = text_.size() - hold;
-  // And never split a UTF-8 character.
-  end = emitted_ +
-        model::CompleteUtf8Prefix(std::string_view(text_).substr(emitted_, end - emitted_));
+  // text_ is valid UTF-8 and a held suffix starts where a (valid UTF-8) stop string starts, so
+  // the cut is on a character boundary.
+  const size_t end = text_.size() - hold;
   std::string out = text_.substr(emitted_, end - emitted_);
   emitted_ = end;
   return out;
@@ -51,6 +49,7 @@ std::string StopMatcher::Append(const std::string& bytes) {
 
 std::string StopMatcher::Flush() {
   if (stopped_) return "";
+  text_ += utf8_.Finish();
   std::string out = text_.substr(emitted_);
   emitted_ = text_.size();
   return out;

@@ -11,8 +11,10 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "common/status_macros.h"
+#include "common/utf8.h"
 #include "server/status.h"
 #include "server/turn_stream.h"
+#include "server/wire.h"
 
 namespace retnet::server {
 namespace {
@@ -39,22 +41,40 @@ void ToProto(const engine::SessionInfo& info, const std::string& prefix, v1::Ses
   out->set_last_used_unix_ms(UnixMs(info.last_used));
 }
 
-grpc::ServerUnaryReactor* Reply(grpc::CallbackServerContext* context, const absl::Status& status) {
-  auto* reactor = context->DefaultReactor();
-  reactor->Finish(ToGrpc(status));
-  return reactor;
-}
+// Session ids: at most 96 bytes of printable ASCII without spaces or '/' ('/' separates the
+// key tag of keyed callers internally). Empty means "server-generated" where `optional`. Messages
+// never repeat an invalid id.
+constexpr size_t kMaxSessionIdBytes = 96;
 
-absl::Status CheckSessionId(const std::string& id, const char* field) {
-  if (id.size() > 96) return absl::InvalidArgumentError(absl::StrCat(field, ": at most 96 bytes"));
+absl::Status CheckSessionId(const std::string& id, const char* field, bool optional = true) {
+  if (id.empty()) {
+    return optional ? absl::OkStatus()
+                    : absl::InvalidArgumentError(absl::StrCat(field, ": required"));
+  }
+  if (id.size() > kMaxSessionIdBytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, ": at most ", kMaxSessionIdBytes, " bytes, got ", id.size()));
+  }
   for (unsigned char c : id) {
-    if (c < 0x21 || c > 0x7e) {
+    if (c < 0x21 || c > 0x7e || c == '/') {
       return absl::InvalidArgumentError(
-          absl::StrCat(field, ": printable ASCII without spaces only"));
+          absl::StrCat(field, ": printable ASCII without spaces or '/' only"));
     }
   }
   return absl::OkStatus();
 }
+
+// A streaming call that ends at once with an error.
+template <typename Base>
+class Refused final : public Base {
+ public:
+  Refused(const char* method, const absl::Status& s) {
+    const grpc::Status reply = ToGrpc(s);
+    LogCall(method, "", reply.error_code(), -1, -1, absl::Now());
+    this->Finish(reply);
+  }
+  void OnDone() override { delete this; }
+};
 
 absl::StatusOr<engine::SamplingParams> ConvertSampling(const v1::GenerateRequest& req,
                                                        int64_t default_max) {
@@ -82,7 +102,7 @@ absl::StatusOr<engine::SamplingParams> ConvertSampling(const v1::GenerateRequest
   return p;
 }
 
-class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateResponse> {
+class GenerateReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
  public:
   // Ends at once with `status`.
   GenerateReactor(const absl::Status& status, Metrics* metrics) {
@@ -96,6 +116,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
     stream_ = std::make_shared<TurnStream>(turn.public_id, engine->model_state_bytes(), metrics);
     stream_->Attach([this] { Pump(); });
     if (persist) stream_->SetPersist(persist);
+    stream_->SetTokenBytes(turn.token_bytes);
     const std::string internal_id = turn.request.session_id;
     // Accepted: the headers go out now, which commits the call on the client side, so a client's
     // retry policy (UNAVAILABLE) can only ever re-send a call that was refused, never a turn.
@@ -135,11 +156,13 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
         return;
       case TurnStream::Action::kWriteChunk:
         writing_ = true;
-        StartWrite(&out_);
+        SerializeTo(out_, &out_buf_);
+        StartWrite(&out_buf_);
         return;
       case TurnStream::Action::kWriteFinal:
         done_ = true;
-        StartWriteAndFinish(&out_, grpc::WriteOptions(), grpc::Status::OK);
+        SerializeTo(out_, &out_buf_);
+        StartWriteAndFinish(&out_buf_, grpc::WriteOptions(), grpc::Status::OK);
         return;
       case TurnStream::Action::kEndWithStatus:
         done_ = true;
@@ -152,7 +175,8 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
   absl::Mutex mu_;
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
   bool done_ ABSL_GUARDED_BY(mu_) = false;
-  v1::GenerateResponse out_;  // the message of the write in flight
+  v1::GenerateResponse out_;
+  grpc::ByteBuffer out_buf_;  // the write in flight
 };
 
 // Chat: turns arrive on the read side; each is generated and streamed like Generate, ending with
@@ -160,7 +184,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
 // Rules kept here: one write and one read in flight at most; Finish exactly once and never while
 // a write is in flight (a status that arrives then waits for OnWriteDone); a finished turn's
 // stream is detached before the next turn replaces it.
-class ChatReactor final : public grpc::ServerBidiReactor<v1::ChatRequest, v1::GenerateResponse> {
+class ChatReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
  public:
   using Prepare =
       std::function<absl::StatusOr<Turn>(const v1::GenerateRequest&, const std::string& session)>;
@@ -171,7 +195,7 @@ class ChatReactor final : public grpc::ServerBidiReactor<v1::ChatRequest, v1::Ge
         prepare_(std::move(prepare)),
         persist_for_(std::move(persist_for)),
         metrics_(metrics) {
-    StartRead(&in_);
+    StartRead(&in_buf_);
   }
 
   // Reads are one at a time, so this never runs concurrently with itself. Streams are attached
@@ -192,14 +216,24 @@ class ChatReactor final : public grpc::ServerBidiReactor<v1::ChatRequest, v1::Ge
       previous = std::move(stream_);
     }
     if (previous) previous->Detach();  // its turn is over
-    auto turn = prepare_(in_.turn(), session);
+    // A message that cannot be parsed ends the stream with an error (never taken for the
+    // client closing its side).
+    v1::ChatRequest in;
+    absl::Status parsed = ParseRequest(in_buf_, &in);
+    in_buf_.Clear();
+    absl::StatusOr<Turn> turn =
+        parsed.ok() ? prepare_(in.turn(), session) : absl::StatusOr<Turn>(parsed);
     if (!turn.ok()) {
       absl::MutexLock lock(&mu_);
-      EndLocked(ToGrpc(turn.status()));
+      const grpc::Status reply = ToGrpc(turn.status());
+      LogCall("Chat", session, reply.error_code(), -1, -1, absl::Now());
+      EndLocked(reply);
       return;
     }
     auto stream =
         std::make_shared<TurnStream>(turn->public_id, engine_->model_state_bytes(), metrics_);
+    stream->SetMethod("Chat");
+    stream->SetTokenBytes(turn->token_bytes);
     stream->Attach([this] { Pump(); });
     const std::string internal_id = turn->request.session_id;
     if (TurnStream::Persist persist = persist_for_(internal_id)) stream->SetPersist(persist);
@@ -265,13 +299,15 @@ class ChatReactor final : public grpc::ServerBidiReactor<v1::ChatRequest, v1::Ge
         return;
       case TurnStream::Action::kWriteChunk:
         writing_ = true;
-        StartWrite(&out_);
+        SerializeTo(out_, &out_buf_);
+        StartWrite(&out_buf_);
         return;
       case TurnStream::Action::kWriteFinal:  // the turn is over: answer it, read the next
         writing_ = true;
         in_turn_ = false;
-        StartWrite(&out_);
-        if (!closed_) StartRead(&in_);
+        SerializeTo(out_, &out_buf_);
+        StartWrite(&out_buf_);
+        if (!closed_) StartRead(&in_buf_);
         return;
       case TurnStream::Action::kEndWithStatus:
         in_turn_ = false;
@@ -311,15 +347,20 @@ class ChatReactor final : public grpc::ServerBidiReactor<v1::ChatRequest, v1::Ge
   bool closed_ ABSL_GUARDED_BY(mu_) = false;
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
   bool metadata_sent_ ABSL_GUARDED_BY(mu_) = false;
-  v1::ChatRequest in_;
+  grpc::ByteBuffer in_buf_;  // the read in flight
   v1::GenerateResponse out_;
+  grpc::ByteBuffer out_buf_;  // the write in flight
 };
 
-class ExportReactor final : public grpc::ServerWriteReactor<v1::SnapshotChunk> {
+class ExportReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
  public:
-  ExportReactor(std::string data, int64_t chunk) : data_(std::move(data)), chunk_(chunk) { Next(); }
+  ExportReactor(std::string data, int64_t chunk, std::string session)
+      : data_(std::move(data)), chunk_(chunk), session_(std::move(session)) {
+    Next();
+  }
   void OnWriteDone(bool ok) override {
     if (!ok) {
+      LogCall("ExportSession", session_, grpc::StatusCode::CANCELLED, -1, -1, start_);
       Finish(grpc::Status(grpc::StatusCode::CANCELLED, "client went away"));
       return;
     }
@@ -330,72 +371,104 @@ class ExportReactor final : public grpc::ServerWriteReactor<v1::SnapshotChunk> {
  private:
   void Next() {
     if (sent_ >= data_.size()) {
+      LogCall("ExportSession", session_, grpc::StatusCode::OK, -1, -1, start_);
       Finish(grpc::Status::OK);
       return;
     }
     const size_t n = std::min<size_t>(chunk_, data_.size() - sent_);
-    msg_.Clear();
-    if (sent_ == 0) msg_.set_total_bytes(static_cast<int64_t>(data_.size()));
-    msg_.set_data(data_.substr(sent_, n));
+    v1::SnapshotChunk msg;
+    if (sent_ == 0) msg.set_total_bytes(static_cast<int64_t>(data_.size()));
+    msg.set_data(data_.substr(sent_, n));
     sent_ += n;
-    StartWrite(&msg_);
+    SerializeTo(msg, &buf_);
+    StartWrite(&buf_);
   }
   const std::string data_;
   const int64_t chunk_;
+  const std::string session_;
+  const absl::Time start_ = absl::Now();
   size_t sent_ = 0;
-  v1::SnapshotChunk msg_;
+  grpc::ByteBuffer buf_;  // the write in flight
 };
 
-class ImportReactor final : public grpc::ServerReadReactor<v1::ImportSessionRequest> {
+class ImportReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
  public:
   // `store` (may be null): with write-through, the imported session is saved before the reply.
-  ImportReactor(engine::Engine* engine, SessionStore* store, std::string prefix, int64_t max_bytes,
-                v1::Session* response)
-      : engine_(engine),
+  ImportReactor(grpc::CallbackServerContext* context, engine::Engine* engine, SessionStore* store,
+                std::string prefix, int64_t max_bytes, grpc::ByteBuffer* response)
+      : context_(context),
+        engine_(engine),
         store_(store),
         prefix_(std::move(prefix)),
         max_bytes_(max_bytes),
         response_(response) {
-    StartRead(&msg_);
+    StartRead(&in_buf_);
   }
   void OnReadDone(bool ok) override {
     if (ok) {
-      if (first_) {
-        first_ = false;
-        id_ = msg_.session_id();
-      }
-      if (static_cast<int64_t>(data_.size() + msg_.data().size()) > max_bytes_) {
-        Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
-                            "data: snapshot exceeds the size limit"));
+      // A message that cannot be parsed fails the import (never taken for the end of it).
+      v1::ImportSessionRequest msg;
+      absl::Status parsed = ParseRequest(in_buf_, &msg);
+      in_buf_.Clear();
+      if (!parsed.ok()) {
+        End(parsed);
         return;
       }
-      data_ += msg_.data();
-      StartRead(&msg_);
+      if (first_) {
+        first_ = false;
+        absl::Status check = CheckSessionId(msg.session_id(), "session_id");
+        if (!check.ok()) {
+          End(check);
+          return;
+        }
+        id_ = msg.session_id();
+      } else if (!msg.session_id().empty() && msg.session_id() != id_) {
+        End(absl::InvalidArgumentError("session_id: only the first message may set it"));
+        return;
+      }
+      if (static_cast<int64_t>(data_.size() + msg.data().size()) > max_bytes_) {
+        End(absl::InvalidArgumentError(absl::StrCat("data: snapshot exceeds the size limit of ",
+                                                    max_bytes_, " bytes")));
+        return;
+      }
+      data_ += msg.data();
+      StartRead(&in_buf_);
       return;
     }
-    absl::Status check = CheckSessionId(id_, "session_id");
-    if (!check.ok()) {
-      Finish(ToGrpc(check));
+    // The stream ended: a client that cancelled did not close it, so nothing is committed.
+    if (context_->IsCancelled()) {
+      End(absl::CancelledError("cancelled by the client; nothing was imported"));
       return;
     }
-    const std::string id = id_.empty() ? prefix_ + RandomId() : prefix_ + id_;
+    if (id_.empty()) id_ = RandomId();
+    const std::string id = prefix_ + id_;
     auto info = engine_->RestoreSession(data_, id);
-    if (info.ok()) ToProto(*info, prefix_, response_);
+    if (info.ok()) ToProto(*info, prefix_, &session_);
     if (info.ok() && store_ != nullptr && store_->write_through()) {
-      store_->Persist(id, [this] { Finish(grpc::Status::OK); });
+      store_->Persist(id, [this](absl::Status saved) { End(saved); });
       return;
     }
-    Finish(ToGrpc(info.status()));
+    End(info.status());
   }
   void OnDone() override { delete this; }
 
  private:
+  void End(const absl::Status& status) {
+    if (status.ok()) SerializeTo(session_, response_);
+    const grpc::Status reply = ToGrpc(status);
+    LogCall("ImportSession", id_, reply.error_code(), -1, -1, start_);
+    Finish(reply);
+  }
+
+  grpc::CallbackServerContext* const context_;
   engine::Engine* engine_;
   SessionStore* const store_;
   const std::string prefix_;
   const int64_t max_bytes_;
-  v1::Session* response_;
-  v1::ImportSessionRequest msg_;
+  grpc::ByteBuffer* const response_;
+  const absl::Time start_ = absl::Now();
+  grpc::ByteBuffer in_buf_;  // the read in flight
+  v1::Session session_;
   bool first_ = true;
   std::string id_;
   std::string data_;
@@ -404,7 +477,9 @@ class ImportReactor final : public grpc::ServerReadReactor<v1::ImportSessionRequ
 }  // namespace
 
 RetNetService::RetNetService(const ApiKeys* keys, ServiceOptions options)
-    : keys_(keys), options_(std::move(options)) {}
+    : keys_(keys), options_(std::move(options)) {
+  RouteProtobufLogsToSpdlog();
+}
 
 void RetNetService::SetEngine(engine::Engine* engine, SessionStore* store) {
   engine_ = engine;
@@ -417,23 +492,41 @@ absl::StatusOr<engine::SessionInfo> RetNetService::FindSession(const std::string
   return engine_->GetSession(id);
 }
 
-grpc::ServerUnaryReactor* RetNetService::ReplySaved(grpc::CallbackServerContext* context,
-                                                    const std::string& id,
-                                                    const absl::Status& status) const {
+template <typename Response>
+void RetNetService::ReplySaved(UnaryReply<Response>* reply, const std::string& id,
+                               const absl::Status& status) const {
   if (!status.ok() || store_ == nullptr || !store_->write_through()) {
-    return Reply(context, status);
+    reply->Done(status);
+    return;
   }
   // A new session (fork, create) is in the shared directory before the caller hears of it: its
   // next call may reach another replica.
-  auto* reactor = context->DefaultReactor();
-  store_->Persist(id, [reactor] { reactor->Finish(grpc::Status::OK); });
-  return reactor;
+  store_->Persist(id, [reply](absl::Status saved) { reply->Done(saved); });
+}
+
+template <typename Request, typename Response>
+bool RetNetService::Begin(grpc::CallbackServerContext* context, const Raw* in, Request* request,
+                          UnaryReply<Response>* reply, std::string* caller) const {
+  absl::Status parsed = ParseRequest(*in, request);
+  if (!parsed.ok()) {
+    reply->Done(parsed);
+    return false;
+  }
+  auto admitted = Admit(*context);
+  if (!admitted.ok()) {
+    reply->Done(admitted.status());
+    return false;
+  }
+  *caller = *std::move(admitted);
+  return true;
 }
 
 TurnStream::Persist RetNetService::PersistFor(const std::string& id) const {
   if (store_ == nullptr || !store_->write_through()) return nullptr;
   SessionStore* store = store_;
-  return [store, id](std::function<void()> release) { store->Persist(id, std::move(release)); };
+  return [store, id](std::function<void(absl::Status)> release) {
+    store->Persist(id, std::move(release));
+  };
 }
 
 absl::StatusOr<std::string> RetNetService::Admit(const grpc::ServerContextBase& context) const {
@@ -474,6 +567,7 @@ absl::StatusOr<Turn> RetNetService::PrepareTurn(grpc::CallbackServerContext* con
   }
   if (!info.ok()) return info.status();
   turn.public_id = public_id;
+  turn.token_bytes = request.return_token_bytes();
   engine::GenerateRequest& req = turn.request;
   req.session_id = prefix + public_id;
   req.sampling = std::move(sampling);
@@ -499,26 +593,24 @@ absl::StatusOr<Turn> RetNetService::PrepareTurn(grpc::CallbackServerContext* con
   return turn;
 }
 
-grpc::ServerWriteReactor<v1::GenerateResponse>* RetNetService::Generate(
-    grpc::CallbackServerContext* context, const v1::GenerateRequest* request) {
+grpc::ServerWriteReactor<grpc::ByteBuffer>* RetNetService::Generate(
+    grpc::CallbackServerContext* context, const Raw* in) {
+  v1::GenerateRequest request;
+  absl::Status parsed = ParseRequest(*in, &request);
+  if (!parsed.ok()) return new GenerateReactor(parsed, options_.metrics);
   auto caller = Admit(*context);
   if (!caller.ok()) return new GenerateReactor(caller.status(), options_.metrics);
-  auto turn = PrepareTurn(context, *caller, *request, "");
+  auto turn = PrepareTurn(context, *caller, request, "");
   if (!turn.ok()) return new GenerateReactor(turn.status(), options_.metrics);
   const std::string id = turn->request.session_id;
   return new GenerateReactor(engine_, *std::move(turn), options_.metrics, PersistFor(id));
 }
 
-grpc::ServerBidiReactor<v1::ChatRequest, v1::GenerateResponse>* RetNetService::Chat(
+grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* RetNetService::Chat(
     grpc::CallbackServerContext* context) {
   auto caller = Admit(*context);
   if (!caller.ok()) {
-    class Failed final : public grpc::ServerBidiReactor<v1::ChatRequest, v1::GenerateResponse> {
-     public:
-      explicit Failed(const absl::Status& s) { Finish(ToGrpc(s)); }
-      void OnDone() override { delete this; }
-    };
-    return new Failed(caller.status());
+    return new Refused<grpc::ServerBidiReactor<Raw, Raw>>("Chat", caller.status());
   }
   const std::string prefix = *caller;
   return new ChatReactor(
@@ -530,71 +622,114 @@ grpc::ServerBidiReactor<v1::ChatRequest, v1::GenerateResponse>* RetNetService::C
 }
 
 grpc::ServerUnaryReactor* RetNetService::CreateSession(grpc::CallbackServerContext* context,
-                                                       const v1::CreateSessionRequest* request,
-                                                       v1::Session* response) {
-  auto caller = Admit(*context);
-  if (!caller.ok()) return Reply(context, caller.status());
-  if (draining_.load()) return Reply(context, absl::UnavailableError("server is draining"));
-  absl::Status check = CheckSessionId(request->session_id(), "session_id");
-  if (!check.ok()) return Reply(context, check);
-  const std::string id = request->session_id().empty() ? RandomId() : request->session_id();
-  if (!request->session_id().empty()) {
-    auto existing = FindSession(*caller + id);
-    if (existing.ok()) {
-      return Reply(context, absl::AlreadyExistsError(absl::StrCat("session '", id, "' exists")));
-    }
-    if (!absl::IsNotFound(existing.status())) return Reply(context, existing.status());
+                                                       const Raw* in, Raw* out) {
+  auto* reply = new UnaryReply<v1::Session>("CreateSession", out);
+  v1::CreateSessionRequest request;
+  std::string caller;
+  if (!Begin(context, in, &request, reply, &caller)) return reply;
+  if (draining_.load()) {
+    reply->Done(absl::UnavailableError("server is draining; retry on another replica"));
+    return reply;
   }
-  auto info = engine_->CreateSession(*caller + id);
-  if (info.ok()) ToProto(*info, *caller, response);
-  return ReplySaved(context, *caller + id, info.status());
+  absl::Status check = CheckSessionId(request.session_id(), "session_id");
+  if (!check.ok()) {
+    reply->Done(check);
+    return reply;
+  }
+  const std::string id = request.session_id().empty() ? RandomId() : request.session_id();
+  reply->set_session(id);
+  if (!request.session_id().empty()) {
+    auto existing = FindSession(caller + id);
+    if (existing.ok()) {
+      reply->Done(absl::AlreadyExistsError(absl::StrCat("session '", id, "' exists")));
+      return reply;
+    }
+    if (!absl::IsNotFound(existing.status())) {
+      reply->Done(existing.status());
+      return reply;
+    }
+  }
+  auto info = engine_->CreateSession(caller + id);
+  if (info.ok()) ToProto(*info, caller, reply->response());
+  ReplySaved(reply, caller + id, info.status());
+  return reply;
 }
 
 grpc::ServerUnaryReactor* RetNetService::GetSession(grpc::CallbackServerContext* context,
-                                                    const v1::GetSessionRequest* request,
-                                                    v1::Session* response) {
-  auto caller = Admit(*context);
-  if (!caller.ok()) return Reply(context, caller.status());
-  auto info = FindSession(*caller + request->session_id());
-  if (info.ok()) ToProto(*info, *caller, response);
-  return Reply(context, info.status());
+                                                    const Raw* in, Raw* out) {
+  auto* reply = new UnaryReply<v1::Session>("GetSession", out);
+  v1::GetSessionRequest request;
+  std::string caller;
+  if (!Begin(context, in, &request, reply, &caller)) return reply;
+  absl::Status check = CheckSessionId(request.session_id(), "session_id", /*optional=*/false);
+  if (!check.ok()) {
+    reply->Done(check);
+    return reply;
+  }
+  reply->set_session(request.session_id());
+  auto info = FindSession(caller + request.session_id());
+  if (info.ok()) ToProto(*info, caller, reply->response());
+  reply->Done(info.status());
+  return reply;
 }
 
 grpc::ServerUnaryReactor* RetNetService::ListSessions(grpc::CallbackServerContext* context,
-                                                      const v1::ListSessionsRequest* request,
-                                                      v1::ListSessionsResponse* response) {
-  auto caller = Admit(*context);
-  if (!caller.ok()) return Reply(context, caller.status());
-  for (const auto& info : engine_->ListSessions(*caller)) {
+                                                      const Raw* in, Raw* out) {
+  auto* reply = new UnaryReply<v1::ListSessionsResponse>("ListSessions", out);
+  v1::ListSessionsRequest request;
+  std::string caller;
+  if (!Begin(context, in, &request, reply, &caller)) return reply;
+  for (const auto& info : engine_->ListSessions(caller)) {
     // Without keys, the keyed sessions ("k<tag>/...") stay invisible too.
-    if (caller->empty() && info.id.find('/') != std::string::npos) continue;
-    ToProto(info, *caller, response->add_sessions());
+    if (caller.empty() && info.id.find('/') != std::string::npos) continue;
+    ToProto(info, caller, reply->response()->add_sessions());
   }
-  return Reply(context, absl::OkStatus());
+  reply->Done(absl::OkStatus());
+  return reply;
 }
 
 grpc::ServerUnaryReactor* RetNetService::ForkSession(grpc::CallbackServerContext* context,
-                                                     const v1::ForkSessionRequest* request,
-                                                     v1::Session* response) {
-  auto caller = Admit(*context);
-  if (!caller.ok()) return Reply(context, caller.status());
-  absl::Status check = CheckSessionId(request->new_session_id(), "new_session_id");
-  if (!check.ok()) return Reply(context, check);
-  if (draining_.load()) return Reply(context, absl::UnavailableError("server is draining"));
-  const std::string id = request->new_session_id().empty() ? RandomId() : request->new_session_id();
-  auto source = FindSession(*caller + request->session_id());
-  if (!source.ok()) return Reply(context, source.status());
-  auto info = engine_->ForkSession(*caller + request->session_id(), *caller + id);
-  if (info.ok()) ToProto(*info, *caller, response);
-  return ReplySaved(context, *caller + id, info.status());
+                                                     const Raw* in, Raw* out) {
+  auto* reply = new UnaryReply<v1::Session>("ForkSession", out);
+  v1::ForkSessionRequest request;
+  std::string caller;
+  if (!Begin(context, in, &request, reply, &caller)) return reply;
+  absl::Status check = CheckSessionId(request.session_id(), "session_id", /*optional=*/false);
+  if (check.ok()) check = CheckSessionId(request.new_session_id(), "new_session_id");
+  if (!check.ok()) {
+    reply->Done(check);
+    return reply;
+  }
+  if (draining_.load()) {
+    reply->Done(absl::UnavailableError("server is draining; retry on another replica"));
+    return reply;
+  }
+  const std::string id = request.new_session_id().empty() ? RandomId() : request.new_session_id();
+  reply->set_session(request.session_id());
+  auto source = FindSession(caller + request.session_id());
+  if (!source.ok()) {
+    reply->Done(source.status());
+    return reply;
+  }
+  auto info = engine_->ForkSession(caller + request.session_id(), caller + id);
+  if (info.ok()) ToProto(*info, caller, reply->response());
+  ReplySaved(reply, caller + id, info.status());
+  return reply;
 }
 
 grpc::ServerUnaryReactor* RetNetService::DeleteSession(grpc::CallbackServerContext* context,
-                                                       const v1::DeleteSessionRequest* request,
-                                                       v1::DeleteSessionResponse* response) {
-  auto caller = Admit(*context);
-  if (!caller.ok()) return Reply(context, caller.status());
-  const std::string id = *caller + request->session_id();
+                                                       const Raw* in, Raw* out) {
+  auto* reply = new UnaryReply<v1::DeleteSessionResponse>("DeleteSession", out);
+  v1::DeleteSessionRequest request;
+  std::string caller;
+  if (!Begin(context, in, &request, reply, &caller)) return reply;
+  absl::Status check = CheckSessionId(request.session_id(), "session_id", /*optional=*/false);
+  if (!check.ok()) {
+    reply->Done(check);
+    return reply;
+  }
+  reply->set_session(request.session_id());
+  const std::string id = caller + request.session_id();
   absl::Status deleted = engine_->DeleteSession(id);
   // A session another replica left in the shared state directory is deleted there too; a
   // refused delete (busy) leaves the snapshot alone.
@@ -602,87 +737,98 @@ grpc::ServerUnaryReactor* RetNetService::DeleteSession(grpc::CallbackServerConte
     const bool stored = store_ != nullptr && store_->Forget(id);
     if (absl::IsNotFound(deleted) && stored) deleted = absl::OkStatus();
   }
-  return Reply(context, deleted);
+  reply->Done(deleted);
+  return reply;
 }
 
-grpc::ServerWriteReactor<v1::SnapshotChunk>* RetNetService::ExportSession(
-    grpc::CallbackServerContext* context, const v1::ExportSessionRequest* request) {
-  auto caller = Admit(*context);
+grpc::ServerWriteReactor<grpc::ByteBuffer>* RetNetService::ExportSession(
+    grpc::CallbackServerContext* context, const Raw* in) {
+  v1::ExportSessionRequest request;
   absl::StatusOr<std::string> snapshot = [&]() -> absl::StatusOr<std::string> {
-    if (!caller.ok()) return caller.status();
-    RETURN_IF_ERROR(FindSession(*caller + request->session_id()).status());
-    return engine_->SnapshotSession(*caller + request->session_id());
+    RETURN_IF_ERROR(ParseRequest(*in, &request));
+    ASSIGN_OR_RETURN(std::string caller, Admit(*context));
+    RETURN_IF_ERROR(CheckSessionId(request.session_id(), "session_id", /*optional=*/false));
+    RETURN_IF_ERROR(FindSession(caller + request.session_id()).status());
+    return engine_->SnapshotSession(caller + request.session_id());
   }();
   if (!snapshot.ok()) {
-    class Failed final : public grpc::ServerWriteReactor<v1::SnapshotChunk> {
-     public:
-      explicit Failed(const absl::Status& s) { Finish(ToGrpc(s)); }
-      void OnDone() override { delete this; }
-    };
-    return new Failed(snapshot.status());
+    return new Refused<grpc::ServerWriteReactor<Raw>>("ExportSession", snapshot.status());
   }
-  return new ExportReactor(*std::move(snapshot), options_.snapshot_chunk_bytes);
+  return new ExportReactor(*std::move(snapshot), options_.snapshot_chunk_bytes,
+                           request.session_id());
 }
 
-grpc::ServerReadReactor<v1::ImportSessionRequest>* RetNetService::ImportSession(
-    grpc::CallbackServerContext* context, v1::Session* response) {
+grpc::ServerReadReactor<grpc::ByteBuffer>* RetNetService::ImportSession(
+    grpc::CallbackServerContext* context, Raw* out) {
   auto caller = Admit(*context);
   if (!caller.ok() || draining_.load()) {
-    class Failed final : public grpc::ServerReadReactor<v1::ImportSessionRequest> {
-     public:
-      explicit Failed(const absl::Status& s) { Finish(ToGrpc(s)); }
-      void OnDone() override { delete this; }
-    };
-    return new Failed(caller.ok() ? absl::UnavailableError("server is draining") : caller.status());
+    return new Refused<grpc::ServerReadReactor<Raw>>(
+        "ImportSession", caller.ok() ? absl::UnavailableError("server is draining; retry on "
+                                                              "another replica")
+                                     : caller.status());
   }
   // A snapshot is the state plus a header and the token history: bound what one call may buffer.
   const int64_t limit =
       std::min<int64_t>(options_.max_snapshot_bytes, engine_->model_state_bytes() + (64 << 20));
-  return new ImportReactor(engine_, store_, *caller, limit, response);
+  return new ImportReactor(context, engine_, store_, *caller, limit, out);
 }
 
 grpc::ServerUnaryReactor* RetNetService::Tokenize(grpc::CallbackServerContext* context,
-                                                  const v1::TokenizeRequest* request,
-                                                  v1::TokenizeResponse* response) {
-  auto caller = Admit(*context);
-  if (!caller.ok()) return Reply(context, caller.status());
+                                                  const Raw* in, Raw* out) {
+  auto* reply = new UnaryReply<v1::TokenizeResponse>("Tokenize", out);
+  v1::TokenizeRequest request;
+  std::string caller;
+  if (!Begin(context, in, &request, reply, &caller)) return reply;
   const model::Tokenizer& tok = engine_->tokenizer();
-  auto ids = tok.Encode(request->text());
-  if (!ids.ok()) return Reply(context, ids.status());
-  if (request->add_bos() && tok.bos_id() >= 0) response->add_ids(tok.bos_id());
-  for (int64_t id : *ids) response->add_ids(id);
-  return Reply(context, absl::OkStatus());
+  auto ids = tok.Encode(request.text());
+  if (!ids.ok()) {
+    reply->Done(ids.status());
+    return reply;
+  }
+  if (request.add_bos() && tok.bos_id() >= 0) reply->response()->add_ids(tok.bos_id());
+  for (int64_t id : *ids) reply->response()->add_ids(id);
+  reply->Done(absl::OkStatus());
+  return reply;
 }
 
 grpc::ServerUnaryReactor* RetNetService::Detokenize(grpc::CallbackServerContext* context,
-                                                    const v1::DetokenizeRequest* request,
-                                                    v1::DetokenizeResponse* response) {
-  auto caller = Admit(*context);
-  if (!caller.ok()) return Reply(context, caller.status());
+                                                    const Raw* in, Raw* out) {
+  auto* reply = new UnaryReply<v1::DetokenizeResponse>("Detokenize", out);
+  v1::DetokenizeRequest request;
+  std::string caller;
+  if (!Begin(context, in, &request, reply, &caller)) return reply;
   const int64_t vocab = engine_->model_vocab_size();
   std::vector<int64_t> ids;
-  for (int64_t id : request->ids()) {
+  ids.reserve(request.ids_size());
+  for (int64_t id : request.ids()) {
     if (id < 0 || id >= vocab) {
-      return Reply(context,
-                   absl::InvalidArgumentError(absl::StrCat(
-                       "ids: token id ", id, " is outside the vocabulary [0, ", vocab, ")")));
+      reply->Done(absl::InvalidArgumentError(
+          absl::StrCat("ids: token id ", id, " is outside the vocabulary [0, ", vocab, ")")));
+      return reply;
     }
     ids.push_back(id);
   }
-  response->set_text(engine_->tokenizer().Decode(ids));
-  return Reply(context, absl::OkStatus());
+  std::string raw = engine_->tokenizer().Decode(ids);
+  reply->response()->set_text(common::SanitizeUtf8(raw));
+  reply->response()->set_raw(std::move(raw));
+  reply->Done(absl::OkStatus());
+  return reply;
 }
 
 grpc::ServerUnaryReactor* RetNetService::GetModelInfo(grpc::CallbackServerContext* context,
-                                                      const v1::GetModelInfoRequest* request,
-                                                      v1::ModelInfo* response) {
-  auto caller = Admit(*context);
-  if (!caller.ok()) return Reply(context, caller.status());
+                                                      const Raw* in, Raw* out) {
+  auto* reply = new UnaryReply<v1::ModelInfo>("GetModelInfo", out);
+  v1::GetModelInfoRequest request;
+  std::string caller;
+  if (!Begin(context, in, &request, reply, &caller)) return reply;
+  v1::ModelInfo* response = reply->response();
   const engine::ModelSummary m = engine_->model_summary();
   const engine::PoolStats stats = engine_->Stats();
-  response->set_family(m.family);
-  response->set_layout(m.layout);
-  response->set_checkpoint(options_.checkpoint);
+  // Strings that come from the operator (a checkpoint path, a config) are repaired: every
+  // string on the wire is valid UTF-8.
+  response->set_family(common::SanitizeUtf8(m.family));
+  response->set_layout(common::SanitizeUtf8(m.layout));
+  response->set_checkpoint(common::SanitizeUtf8(options_.checkpoint));
   response->set_num_layers(m.num_layers);
   response->set_hidden_size(m.hidden_size);
   response->set_num_heads(m.num_heads);
@@ -690,8 +836,8 @@ grpc::ServerUnaryReactor* RetNetService::GetModelInfo(grpc::CallbackServerContex
   response->set_head_v_dim(m.head_v_dim);
   response->set_vocab_size(m.vocab_size);
   response->set_parameters(m.parameters);
-  response->set_dtype(options_.dtype);
-  response->set_device(options_.device);
+  response->set_dtype(common::SanitizeUtf8(options_.dtype));
+  response->set_device(common::SanitizeUtf8(options_.device));
   response->set_tokenizer(engine_->tokenizer().kind());
   response->set_bos_token_id(engine_->tokenizer().bos_id());
   response->set_eos_token_id(engine_->tokenizer().eos_id());
@@ -703,7 +849,8 @@ grpc::ServerUnaryReactor* RetNetService::GetModelInfo(grpc::CallbackServerContex
   response->set_max_new_tokens(engine_->options().max_new_tokens_limit);
   for (const char* ext : {"session", "session.fork", "session.snapshot"})
     response->add_extensions(ext);
-  return Reply(context, absl::OkStatus());
+  reply->Done(absl::OkStatus());
+  return reply;
 }
 
 }  // namespace retnet::server

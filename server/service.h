@@ -20,6 +20,7 @@
 #include "server/auth.h"
 #include "server/metrics.h"
 #include "server/turn_stream.h"
+#include "server/wire.h"
 
 namespace retnet::server {
 
@@ -28,6 +29,7 @@ struct Turn {
   engine::GenerateRequest request;
   std::string public_id;
   bool created = false;
+  bool token_bytes = false;  // GenerateRequest.return_token_bytes
 };
 
 // Where sessions live outside the engine: the state directory, which replicas may share. The
@@ -47,9 +49,11 @@ class SessionStore {
   virtual bool Forget(const std::string& id) = 0;
   // Whether every turn is saved before its end is sent (replicas sharing the store).
   virtual bool write_through() const = 0;
-  // Saves session `id` (off the calling thread), then calls `done` (also when the save failed:
-  // the store then removes the stale file, so no replica resumes from an older state).
-  virtual void Persist(const std::string& id, std::function<void()> done) = 0;
+  // Saves session `id` (off the calling thread), then calls `done` with the outcome. A failed
+  // save is an error for the caller (the turn or the new session is not durable): the store
+  // keeps the previous good file and puts the session back to the state that file holds (a
+  // session that had none is removed), so every replica agrees on what was acknowledged.
+  virtual void Persist(const std::string& id, std::function<void(absl::Status)> done) = 0;
 };
 
 struct ServiceOptions {
@@ -62,7 +66,24 @@ struct ServiceOptions {
   SessionStore* store = nullptr;  // not owned; may be null (no state directory)
 };
 
-class RetNetService final : public retnet::v1::RetNet::CallbackService {
+// Every method is registered raw (ByteBuffer in and out) so that the service parses requests
+// itself (server/wire.h): a request gRPC could not parse must be INVALID_ARGUMENT naming the
+// field, never UNIMPLEMENTED, and a bad message later in a stream must fail the stream.
+using RawRetNetService = retnet::v1::RetNet::WithRawCallbackMethod_Generate<
+    retnet::v1::RetNet::WithRawCallbackMethod_Chat<
+    retnet::v1::RetNet::WithRawCallbackMethod_CreateSession<
+    retnet::v1::RetNet::WithRawCallbackMethod_GetSession<
+    retnet::v1::RetNet::WithRawCallbackMethod_ListSessions<
+    retnet::v1::RetNet::WithRawCallbackMethod_ForkSession<
+    retnet::v1::RetNet::WithRawCallbackMethod_DeleteSession<
+    retnet::v1::RetNet::WithRawCallbackMethod_ExportSession<
+    retnet::v1::RetNet::WithRawCallbackMethod_ImportSession<
+    retnet::v1::RetNet::WithRawCallbackMethod_Tokenize<
+    retnet::v1::RetNet::WithRawCallbackMethod_Detokenize<
+    retnet::v1::RetNet::WithRawCallbackMethod_GetModelInfo<
+    retnet::v1::RetNet::Service>>>>>>>>>>>>;
+
+class RetNetService final : public RawRetNetService {
  public:
   // The service answers UNAVAILABLE ("loading") until SetEngine() is called.
   RetNetService(const ApiKeys* keys, ServiceOptions options);
@@ -73,39 +94,30 @@ class RetNetService final : public retnet::v1::RetNet::CallbackService {
   // While draining, new work is refused with UNAVAILABLE.
   void set_draining(bool draining) { draining_.store(draining); }
 
-  grpc::ServerWriteReactor<retnet::v1::GenerateResponse>* Generate(
-      grpc::CallbackServerContext* context, const retnet::v1::GenerateRequest* request) override;
-  grpc::ServerBidiReactor<retnet::v1::ChatRequest, retnet::v1::GenerateResponse>* Chat(
-      grpc::CallbackServerContext* context) override;
-  grpc::ServerUnaryReactor* CreateSession(grpc::CallbackServerContext* context,
-                                          const retnet::v1::CreateSessionRequest* request,
-                                          retnet::v1::Session* response) override;
-  grpc::ServerUnaryReactor* GetSession(grpc::CallbackServerContext* context,
-                                       const retnet::v1::GetSessionRequest* request,
-                                       retnet::v1::Session* response) override;
-  grpc::ServerUnaryReactor* ListSessions(grpc::CallbackServerContext* context,
-                                         const retnet::v1::ListSessionsRequest* request,
-                                         retnet::v1::ListSessionsResponse* response) override;
-  grpc::ServerUnaryReactor* ForkSession(grpc::CallbackServerContext* context,
-                                        const retnet::v1::ForkSessionRequest* request,
-                                        retnet::v1::Session* response) override;
-  grpc::ServerUnaryReactor* DeleteSession(grpc::CallbackServerContext* context,
-                                          const retnet::v1::DeleteSessionRequest* request,
-                                          retnet::v1::DeleteSessionResponse* response) override;
-  grpc::ServerWriteReactor<retnet::v1::SnapshotChunk>* ExportSession(
-      grpc::CallbackServerContext* context,
-      const retnet::v1::ExportSessionRequest* request) override;
-  grpc::ServerReadReactor<retnet::v1::ImportSessionRequest>* ImportSession(
-      grpc::CallbackServerContext* context, retnet::v1::Session* response) override;
-  grpc::ServerUnaryReactor* Tokenize(grpc::CallbackServerContext* context,
-                                     const retnet::v1::TokenizeRequest* request,
-                                     retnet::v1::TokenizeResponse* response) override;
-  grpc::ServerUnaryReactor* Detokenize(grpc::CallbackServerContext* context,
-                                       const retnet::v1::DetokenizeRequest* request,
-                                       retnet::v1::DetokenizeResponse* response) override;
-  grpc::ServerUnaryReactor* GetModelInfo(grpc::CallbackServerContext* context,
-                                         const retnet::v1::GetModelInfoRequest* request,
-                                         retnet::v1::ModelInfo* response) override;
+  using Raw = grpc::ByteBuffer;
+  grpc::ServerWriteReactor<Raw>* Generate(grpc::CallbackServerContext* context,
+                                          const Raw* request) override;
+  grpc::ServerBidiReactor<Raw, Raw>* Chat(grpc::CallbackServerContext* context) override;
+  grpc::ServerUnaryReactor* CreateSession(grpc::CallbackServerContext* context, const Raw* request,
+                                          Raw* response) override;
+  grpc::ServerUnaryReactor* GetSession(grpc::CallbackServerContext* context, const Raw* request,
+                                       Raw* response) override;
+  grpc::ServerUnaryReactor* ListSessions(grpc::CallbackServerContext* context, const Raw* request,
+                                         Raw* response) override;
+  grpc::ServerUnaryReactor* ForkSession(grpc::CallbackServerContext* context, const Raw* request,
+                                        Raw* response) override;
+  grpc::ServerUnaryReactor* DeleteSession(grpc::CallbackServerContext* context, const Raw* request,
+                                          Raw* response) override;
+  grpc::ServerWriteReactor<Raw>* ExportSession(grpc::CallbackServerContext* context,
+                                               const Raw* request) override;
+  grpc::ServerReadReactor<Raw>* ImportSession(grpc::CallbackServerContext* context,
+                                              Raw* response) override;
+  grpc::ServerUnaryReactor* Tokenize(grpc::CallbackServerContext* context, const Raw* request,
+                                     Raw* response) override;
+  grpc::ServerUnaryReactor* Detokenize(grpc::CallbackServerContext* context, const Raw* request,
+                                       Raw* response) override;
+  grpc::ServerUnaryReactor* GetModelInfo(grpc::CallbackServerContext* context, const Raw* request,
+                                         Raw* response) override;
 
  private:
   // Validates a turn and resolves (or creates) its session; `fixed_session` pins a chat stream.
@@ -116,9 +128,16 @@ class RetNetService final : public retnet::v1::RetNet::CallbackService {
   // The engine's session, synced with the store first.
   absl::StatusOr<engine::SessionInfo> FindSession(const std::string& id) const;
 
-  // Replies `status`; with write-through, an OK reply waits until session `id` is saved.
-  grpc::ServerUnaryReactor* ReplySaved(grpc::CallbackServerContext* context, const std::string& id,
-                                       const absl::Status& status) const;
+  // Replies `status`; with write-through, an OK reply waits until session `id` is saved (and
+  // carries the save's error when it failed).
+  template <typename Response>
+  void ReplySaved(UnaryReply<Response>* reply, const std::string& id,
+                  const absl::Status& status) const;
+
+  // Parses the request and admits the caller: false (the reply is done) when either fails.
+  template <typename Request, typename Response>
+  bool Begin(grpc::CallbackServerContext* context, const Raw* in, Request* request,
+             UnaryReply<Response>* reply, std::string* caller) const;
 
   // The write-through hook for a turn on session `id`; empty without write-through.
   TurnStream::Persist PersistFor(const std::string& id) const;

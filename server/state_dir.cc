@@ -289,7 +289,7 @@ bool StateDirectory::Forget(const std::string& id) {
   return std::remove(Path(name).c_str()) == 0;
 }
 
-void StateDirectory::Persist(const std::string& id, std::function<void()> done) {
+void StateDirectory::Persist(const std::string& id, std::function<void(absl::Status)> done) {
   {
     absl::MutexLock lock(&queue_mu_);
     if (!stopping_) {
@@ -297,12 +297,13 @@ void StateDirectory::Persist(const std::string& id, std::function<void()> done) 
       return;
     }
   }
-  done();  // stopped: the drain's SaveAll writes it
+  done(absl::OkStatus());  // stopped: the drain's SaveAll writes it
 }
 
 void StateDirectory::WriterLoop() {
   while (true) {
-    std::pair<std::string, std::function<void()>> job;
+    std::pair<std::string, std::function<void(absl::Status)>> job;
+    absl::Status saved;
     {
       absl::MutexLock lock(&queue_mu_);
       queue_mu_.Await(absl::Condition(
@@ -327,9 +328,10 @@ void StateDirectory::WriterLoop() {
         std::remove(Path(name).c_str());
         owned_.erase(name);
         spdlog::error("write-through save of {} failed: {}", name, std::string(s.message()));
+        saved = s;
       }
     }
-    job.second();
+    job.second(saved);
     absl::MutexLock lock(&queue_mu_);
     saving_ = false;
   }

@@ -63,7 +63,7 @@ class StateDirectory final : public SessionStore {
   absl::Status Sync(const std::string& id) override;
   bool Forget(const std::string& id) override;
   bool write_through() const override { return shared_; }
-  void Persist(const std::string& id, std::function<void()> done) override;
+  void Persist(const std::string& id, std::function<void(absl::Status)> done) override;
 
   const std::string& dir() const { return dir_; }
 
@@ -98,7 +98,7 @@ class StateDirectory final : public SessionStore {
   int64_t tmp_counter_ ABSL_GUARDED_BY(mu_) = 0;
 
   absl::Mutex queue_mu_;
-  std::deque<std::pair<std::string, std::function<void()>>> queue_ ABSL_GUARDED_BY(queue_mu_);
+  std::deque<std::pair<std::string, std::function<void(absl::Status)>>> queue_ ABSL_GUARDED_BY(queue_mu_);
   bool stopping_ ABSL_GUARDED_BY(queue_mu_) = false;
   bool saving_ ABSL_GUARDED_BY(queue_mu_) = false;  // the writer holds a job
   std::thread writer_;

@@ -26,6 +26,7 @@
 #include "retnet/v1/retnet.pb.h"
 #include "server/metrics.h"
 #include "server/status.h"
+#include "server/wire.h"
 
 namespace retnet::server {
 
@@ -42,6 +43,15 @@ class TurnStream : public engine::TokenSink, public std::enable_shared_from_this
   // `metrics` (may be null, not owned) receives this turn's latencies, tokens and status.
   TurnStream(std::string session_id, int64_t state_bytes, Metrics* metrics = nullptr)
       : session_id_(std::move(session_id)), state_bytes_(state_bytes), metrics_(metrics) {}
+  // The turn's log line (server/wire.h LogCall) is written once, when its end is handed to the
+  // reactor, or when the stream goes away before that.
+  ~TurnStream() override { LogOnce(grpc::StatusCode::CANCELLED); }
+
+  // The RPC named in the log line ("Generate" unless set; "Chat" for chat turns).
+  void SetMethod(const char* method) {
+    absl::MutexLock lock(&mu_);
+    method_ = method;
+  }
 
   // Wakes the owning reactor; set once, cleared (under the lock) when the reactor is done.
   void Attach(std::function<void()> wake) {
@@ -54,11 +64,17 @@ class TurnStream : public engine::TokenSink, public std::enable_shared_from_this
     wake_ = nullptr;
   }
   // Write-through persistence: when the turn ends, its end (Final or status) is held back until
-  // `persist` has saved the session and called the function it is given. Set before Submit.
-  using Persist = std::function<void(std::function<void()> release)>;
+  // `persist` has saved the session and called the function it is given with the outcome; a
+  // failed save replaces a Final with that error (the turn is not durable). Set before Submit.
+  using Persist = std::function<void(std::function<void(absl::Status)> release)>;
   void SetPersist(Persist persist) {
     absl::MutexLock lock(&mu_);
     persist_ = std::move(persist);
+  }
+  // Send each token's exact bytes too (GenerateRequest.return_token_bytes). Set before Submit.
+  void SetTokenBytes(bool on) {
+    absl::MutexLock lock(&mu_);
+    token_bytes_ = on;
   }
   void SetGeneration(std::shared_ptr<engine::Generation> g) {
     absl::MutexLock lock(&mu_);
@@ -88,11 +104,15 @@ class TurnStream : public engine::TokenSink, public std::enable_shared_from_this
       return;
     }
     std::weak_ptr<TurnStream> weak = weak_from_this();
-    persist([weak] {
+    persist([weak](absl::Status saved) {
       if (auto self = weak.lock()) {
         {
           absl::MutexLock lock(&self->mu_);
           self->held_ = false;
+          if (!saved.ok() && self->end_status_.ok()) {
+            self->final_.reset();
+            self->end_status_ = ToGrpc(saved);
+          }
         }
         self->Wake();
       }
@@ -121,7 +141,8 @@ class TurnStream : public engine::TokenSink, public std::enable_shared_from_this
     retnet::v1::Token* t = pending_.add_tokens();
     t->set_id(e.token);
     t->set_text(std::move(e.text));
-    if (e.logprob != 0 || !e.top_logprobs.empty()) t->set_logprob(e.logprob);
+    if (e.has_logprob) t->set_logprob(e.logprob);
+    if (token_bytes_) t->set_token_bytes(std::move(e.bytes));
     for (const auto& [id, lp] : e.top_logprobs) {
       auto* top = t->add_top_logprobs();
       top->set_id(id);
@@ -164,8 +185,16 @@ class TurnStream : public engine::TokenSink, public std::enable_shared_from_this
       metrics_->ObserveRequestLatency(absl::ToDoubleSeconds(absl::Now() - arrival_));
       metrics_->CountRequest(StatusCodeName(end_status_.error_code()));
     }
+    prompt_tokens_ = f.prompt_tokens;
+    completion_tokens_ = f.completion_tokens;
     held_ = static_cast<bool>(persist_);
     return persist_;
+  }
+
+  void LogOnce(grpc::StatusCode code) {
+    if (logged_) return;
+    logged_ = true;
+    LogCall(method_, session_id_, code, prompt_tokens_, completion_tokens_, arrival_);
   }
 
  public:
@@ -183,10 +212,12 @@ class TurnStream : public engine::TokenSink, public std::enable_shared_from_this
     over_ = true;
     if (final_ && !client_gone_) {
       *out = std::move(*final_);
+      LogOnce(grpc::StatusCode::OK);
       return Action::kWriteFinal;
     }
     *status =
         end_status_.ok() ? grpc::Status(grpc::StatusCode::CANCELLED, "cancelled") : end_status_;
+    LogOnce(status->error_code());
     return Action::kEndWithStatus;
   }
 
@@ -202,6 +233,11 @@ class TurnStream : public engine::TokenSink, public std::enable_shared_from_this
   std::shared_ptr<engine::Generation> generation_ ABSL_GUARDED_BY(mu_);
   Persist persist_ ABSL_GUARDED_BY(mu_);
   bool held_ ABSL_GUARDED_BY(mu_) = false;  // the end waits for persist_
+  bool token_bytes_ ABSL_GUARDED_BY(mu_) = false;
+  const char* method_ ABSL_GUARDED_BY(mu_) = "Generate";
+  int64_t prompt_tokens_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t completion_tokens_ ABSL_GUARDED_BY(mu_) = 0;
+  bool logged_ = false;  // under mu_, or in the destructor
   retnet::v1::TokenChunk pending_ ABSL_GUARDED_BY(mu_);
   std::optional<retnet::v1::GenerateResponse> final_ ABSL_GUARDED_BY(mu_);
   std::optional<absl::Time> first_token_ ABSL_GUARDED_BY(mu_);

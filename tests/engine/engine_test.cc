@@ -6,10 +6,12 @@
 #include <c10/core/InferenceMode.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <memory>
 #include <string>
 #include <vector>
 
+#include "common/utf8.h"
 #include "engine/snapshot.h"
 #include "model/retnet.h"
 #include "model/tokenizer.h"
@@ -71,6 +73,12 @@ class TestSink : public TokenSink {
     absl::MutexLock lock(&mu_);
     std::vector<float> out;
     for (const auto& e : events_) out.push_back(e.logprob);
+    return out;
+  }
+  std::string bytes() {
+    absl::MutexLock lock(&mu_);
+    std::string out;
+    for (const auto& e : events_) out += e.bytes;
     return out;
   }
   std::string text() {
@@ -472,10 +480,12 @@ TEST_F(EngineTest, StopStringsStopTokensAndMinTokens) {
   auto free_run = Run(*e, "free", prompt, Greedy(40));
   const std::string text = free_run->text();
   const std::vector<int64_t> tokens = free_run->tokens();
-  ASSERT_EQ(text.size(), 40u);  // byte tokens: one byte each
+  ASSERT_EQ(free_run->bytes().size(), 40u);  // byte tokens: one byte each
+  EXPECT_EQ(text, common::SanitizeUtf8(free_run->bytes()));  // text is always valid UTF-8
 
-  // A stop string taken from the middle of the unconstrained output.
-  const std::string stop = text.substr(10, 3);
+  // A stop string taken from the middle of the unconstrained output (as text: stop strings
+  // match the sanitized text).
+  const std::string stop = text.substr(text.size() / 3, 3);
   const size_t at = text.find(stop);
   SamplingParams p = Greedy(40);
   p.stop_strings = {stop};
@@ -484,7 +494,21 @@ TEST_F(EngineTest, StopStringsStopTokensAndMinTokens) {
   EXPECT_EQ(stopped->finish().reason, FinishReason::kStop);
   EXPECT_EQ(stopped->finish().stop_string, stop);
   EXPECT_EQ(stopped->text(), text.substr(0, at));  // never a partial stop string
-  EXPECT_EQ(stopped->tokens().size(), at + stop.size());
+  // It stops at the first token whose text completes the stop string, and not before.
+  const std::vector<int64_t> got = stopped->tokens();
+  ASSERT_LE(got.size(), tokens.size());
+  EXPECT_TRUE(std::equal(got.begin(), got.end(), tokens.begin()));
+  common::Utf8Sanitizer streamed;
+  std::string seen;
+  size_t completes = 0;
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    seen += streamed.Append(std::string(1, static_cast<char>(tokens[i])));
+    if (seen.find(stop) != std::string::npos) {
+      completes = i + 1;
+      break;
+    }
+  }
+  EXPECT_EQ(got.size(), completes);
 
   // A stop token id ends at its first occurrence; min_tokens suppresses it before that.
   const int64_t stop_id = tokens[5];

@@ -661,18 +661,18 @@ TEST(ValidateSamplingParamsTest, RejectsEachInvalidFieldByName) {
       {[](SamplingParams& p) {
          p.stop_token_ids = {3, 100};
        },
-       "sampling.stop_token_ids"},
+       "stopping.stop_token_ids"},
       {[](SamplingParams& p) {
          p.stop_strings = {"ok", ""};
        },
-       "sampling.stop_strings"},
+       "stopping.stop"},
       {[](SamplingParams& p) { p.stop_strings = std::vector<std::string>(17, "x"); },
-       "sampling.stop_strings"},
-      {[](SamplingParams& p) { p.min_tokens = 129; }, "sampling.min_tokens"},
-      {[](SamplingParams& p) { p.min_tokens = -1; }, "sampling.min_tokens"},
-      {[](SamplingParams& p) { p.max_new_tokens = 0; }, "sampling.max_new_tokens"},
-      {[](SamplingParams& p) { p.logprobs = 21; }, "sampling.logprobs"},
-      {[](SamplingParams& p) { p.logprobs = -2; }, "sampling.logprobs"},
+       "stopping.stop"},
+      {[](SamplingParams& p) { p.min_tokens = 129; }, "stopping.min_tokens"},
+      {[](SamplingParams& p) { p.min_tokens = -1; }, "stopping.min_tokens"},
+      {[](SamplingParams& p) { p.max_new_tokens = 0; }, "stopping.max_new_tokens"},
+      {[](SamplingParams& p) { p.logprobs = 21; }, "logprobs"},
+      {[](SamplingParams& p) { p.logprobs = -2; }, "logprobs"},
   };
   for (const auto& [mutate, field] : cases) {
     SamplingParams p;
