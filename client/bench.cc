@@ -152,11 +152,18 @@ class Run {
     client_.Prepare(&ctx, id);
     const SteadyClock::time_point sent = SteadyClock::now();
     r->start_s = Seconds(sent - start_);
-    auto reader = client_.stub()->Generate(&ctx, req);
-    v1::GenerateResponse msg;
+    auto reader = client_.StartGenerate(&ctx, req);
+    Received<v1::GenerateResponse> received;
+    const v1::GenerateResponse& msg = received.message;
     SteadyClock::time_point last = sent;
     bool final_seen = false;
-    while (reader->Read(&msg)) {
+    bool unparsable = false;
+    while (reader->Read(&received)) {
+      if (!received.parsed) {  // cancel at once: the server would keep streaming until deadline
+        unparsable = true;
+        ctx.TryCancel();
+        break;
+      }
       const SteadyClock::time_point now = SteadyClock::now();
       if (msg.has_chunk()) {
         const int n = msg.chunk().tokens_size();
@@ -177,7 +184,11 @@ class Run {
       }
     }
     const grpc::Status status = reader->Finish();
-    if (!status.ok()) {
+    if (unparsable) {
+      const absl::Status bad = UnparsableResponse<v1::GenerateResponse>("Generate");
+      r->code = bad.code();
+      r->error = std::string(bad.message());
+    } else if (!status.ok()) {
       r->code = static_cast<absl::StatusCode>(status.error_code());
       r->error = status.error_message();
     } else if (!final_seen) {

@@ -1,6 +1,9 @@
 #include "client/client.h"
 
 #include <grpcpp/generic/generic_stub.h>
+#include <grpcpp/impl/client_unary_call.h>
+#include <grpcpp/impl/rpc_method.h>
+#include <grpcpp/support/sync_stream.h>
 
 #include <fstream>
 #include <random>
@@ -10,6 +13,17 @@
 #include "absl/synchronization/notification.h"
 
 namespace retnet::client {
+
+namespace {
+
+// RpcMethod keeps the pointer: the paths must be literals.
+#define RETNET_METHOD(name) "/retnet.v1.RetNet/" name
+
+grpc::internal::RpcMethod Method(const char* path, grpc::internal::RpcMethod::RpcType type) {
+  return grpc::internal::RpcMethod(path, type);
+}
+
+}  // namespace
 
 Client::Client(ConnectionOptions options, std::shared_ptr<grpc::Channel> channel)
     : options_(std::move(options)),
@@ -73,16 +87,54 @@ absl::Status FromGrpc(const grpc::Status& status) {
   return absl::Status(static_cast<absl::StatusCode>(status.error_code()), status.error_message());
 }
 
+template <typename Response, typename Request>
+absl::Status Client::Unary(const char* method, grpc::ClientContext* context,
+                           const Request& request, Response* response) const {
+  Received<Response> received;
+  const grpc::Status status = grpc::internal::BlockingUnaryCall(
+      channel_.get(), Method(method, grpc::internal::RpcMethod::NORMAL_RPC), context, request,
+      &received);
+  if (!status.ok()) return FromGrpc(status);
+  if (!received.parsed) {
+    return UnparsableResponse<Response>(method + sizeof(RETNET_METHOD("")) - 1);  // the name
+  }
+  *response = std::move(received.message);
+  return absl::OkStatus();
+}
+
+std::unique_ptr<Client::GenerateStream> Client::StartGenerate(
+    grpc::ClientContext* context, const v1::GenerateRequest& request) const {
+  return std::unique_ptr<GenerateStream>(
+      grpc::internal::ClientReaderFactory<Received<v1::GenerateResponse>>::Create(
+          channel_.get(),
+          Method(RETNET_METHOD("Generate"), grpc::internal::RpcMethod::SERVER_STREAMING), context,
+          request));
+}
+
+std::unique_ptr<Client::ChatStream> Client::StartChat(grpc::ClientContext* context) const {
+  return std::unique_ptr<ChatStream>(
+      grpc::internal::ClientReaderWriterFactory<v1::ChatRequest, Received<v1::GenerateResponse>>::
+          Create(channel_.get(),
+                 Method(RETNET_METHOD("Chat"), grpc::internal::RpcMethod::BIDI_STREAMING),
+                 context));
+}
+
 absl::StatusOr<TurnResult> Client::Generate(
     const v1::GenerateRequest& request,
     const std::function<void(const v1::TokenChunk&)>& on_chunk) const {
   grpc::ClientContext ctx;
   Prepare(&ctx, request.session_id());
-  auto reader = stub_->Generate(&ctx, request);
+  auto reader = StartGenerate(&ctx, request);
   TurnResult result;
-  v1::GenerateResponse msg;
+  Received<v1::GenerateResponse> received;
+  const v1::GenerateResponse& msg = received.message;
   bool have_final = false;
-  while (reader->Read(&msg)) {
+  while (reader->Read(&received)) {
+    if (!received.parsed) {
+      ctx.TryCancel();
+      (void)reader->Finish();
+      return UnparsableResponse<v1::GenerateResponse>("Generate");
+    }
     if (msg.has_chunk()) {
       for (const auto& t : msg.chunk().tokens()) {
         result.tokens.push_back(t.id());
@@ -105,8 +157,7 @@ absl::StatusOr<v1::ModelInfo> Client::GetModelInfo() const {
   grpc::ClientContext ctx;
   Prepare(&ctx);
   v1::ModelInfo info;
-  grpc::Status s = stub_->GetModelInfo(&ctx, v1::GetModelInfoRequest(), &info);
-  if (!s.ok()) return FromGrpc(s);
+  if (absl::Status s = Unary(RETNET_METHOD("GetModelInfo"), &ctx, v1::GetModelInfoRequest(), &info); !s.ok()) return s;
   return info;
 }
 
@@ -116,8 +167,7 @@ absl::StatusOr<v1::Session> Client::GetSession(const std::string& id) const {
   v1::GetSessionRequest req;
   req.set_session_id(id);
   v1::Session session;
-  grpc::Status s = stub_->GetSession(&ctx, req, &session);
-  if (!s.ok()) return FromGrpc(s);
+  if (absl::Status s = Unary(RETNET_METHOD("GetSession"), &ctx, req, &session); !s.ok()) return s;
   return session;
 }
 
@@ -125,8 +175,7 @@ absl::StatusOr<std::vector<v1::Session>> Client::ListSessions() const {
   grpc::ClientContext ctx;
   Prepare(&ctx);
   v1::ListSessionsResponse resp;
-  grpc::Status s = stub_->ListSessions(&ctx, v1::ListSessionsRequest(), &resp);
-  if (!s.ok()) return FromGrpc(s);
+  if (absl::Status s = Unary(RETNET_METHOD("ListSessions"), &ctx, v1::ListSessionsRequest(), &resp); !s.ok()) return s;
   return std::vector<v1::Session>(resp.sessions().begin(), resp.sessions().end());
 }
 
@@ -139,8 +188,7 @@ absl::StatusOr<v1::Session> Client::ForkSession(const std::string& id,
   req.set_session_id(id);
   req.set_new_session_id(new_id);
   v1::Session session;
-  grpc::Status s = stub_->ForkSession(&ctx, req, &session);
-  if (!s.ok()) return FromGrpc(s);
+  if (absl::Status s = Unary(RETNET_METHOD("ForkSession"), &ctx, req, &session); !s.ok()) return s;
   return session;
 }
 
@@ -150,7 +198,7 @@ absl::Status Client::DeleteSession(const std::string& id) const {
   v1::DeleteSessionRequest req;
   req.set_session_id(id);
   v1::DeleteSessionResponse resp;
-  return FromGrpc(stub_->DeleteSession(&ctx, req, &resp));
+  return Unary(RETNET_METHOD("DeleteSession"), &ctx, req, &resp);
 }
 
 absl::StatusOr<std::string> Client::ExportSession(const std::string& id) const {
@@ -158,11 +206,21 @@ absl::StatusOr<std::string> Client::ExportSession(const std::string& id) const {
   Prepare(&ctx, id);
   v1::ExportSessionRequest req;
   req.set_session_id(id);
-  auto reader = stub_->ExportSession(&ctx, req);
-  v1::SnapshotChunk chunk;
+  std::unique_ptr<grpc::ClientReader<Received<v1::SnapshotChunk>>> reader(
+      grpc::internal::ClientReaderFactory<Received<v1::SnapshotChunk>>::Create(
+          channel_.get(),
+          Method(RETNET_METHOD("ExportSession"), grpc::internal::RpcMethod::SERVER_STREAMING),
+          &ctx, req));
+  Received<v1::SnapshotChunk> received;
+  const v1::SnapshotChunk& chunk = received.message;
   std::string data;
   int64_t total = -1;
-  while (reader->Read(&chunk)) {
+  while (reader->Read(&received)) {
+    if (!received.parsed) {
+      ctx.TryCancel();
+      (void)reader->Finish();
+      return UnparsableResponse<v1::SnapshotChunk>("ExportSession");
+    }
     if (total < 0) {
       total = chunk.total_bytes();
       if (total > 0) data.reserve(static_cast<size_t>(total));
@@ -182,8 +240,12 @@ absl::StatusOr<v1::Session> Client::ImportSession(const std::string& id, const s
                                                   size_t chunk_bytes) const {
   grpc::ClientContext ctx;
   Prepare(&ctx, id);
-  v1::Session session;
-  auto writer = stub_->ImportSession(&ctx, &session);
+  Received<v1::Session> session;
+  std::unique_ptr<grpc::ClientWriter<v1::ImportSessionRequest>> writer(
+      grpc::internal::ClientWriterFactory<v1::ImportSessionRequest>::Create(
+          channel_.get(),
+          Method(RETNET_METHOD("ImportSession"), grpc::internal::RpcMethod::CLIENT_STREAMING),
+          &ctx, &session));
   size_t off = 0;
   do {
     v1::ImportSessionRequest req;
@@ -195,7 +257,8 @@ absl::StatusOr<v1::Session> Client::ImportSession(const std::string& id, const s
   writer->WritesDone();
   grpc::Status s = writer->Finish();
   if (!s.ok()) return FromGrpc(s);
-  return session;
+  if (!session.parsed) return UnparsableResponse<v1::Session>("ImportSession");
+  return std::move(session.message);
 }
 
 absl::StatusOr<std::vector<int64_t>> Client::Tokenize(const std::string& text, bool add_bos) const {
@@ -205,20 +268,18 @@ absl::StatusOr<std::vector<int64_t>> Client::Tokenize(const std::string& text, b
   req.set_text(text);
   req.set_add_bos(add_bos);
   v1::TokenizeResponse resp;
-  grpc::Status s = stub_->Tokenize(&ctx, req, &resp);
-  if (!s.ok()) return FromGrpc(s);
+  if (absl::Status s = Unary(RETNET_METHOD("Tokenize"), &ctx, req, &resp); !s.ok()) return s;
   return std::vector<int64_t>(resp.ids().begin(), resp.ids().end());
 }
 
-absl::StatusOr<std::string> Client::Detokenize(const std::vector<int64_t>& ids) const {
+absl::StatusOr<v1::DetokenizeResponse> Client::Detokenize(const std::vector<int64_t>& ids) const {
   grpc::ClientContext ctx;
   Prepare(&ctx);
   v1::DetokenizeRequest req;
   for (int64_t id : ids) req.add_ids(id);
   v1::DetokenizeResponse resp;
-  grpc::Status s = stub_->Detokenize(&ctx, req, &resp);
-  if (!s.ok()) return FromGrpc(s);
-  return resp.text();
+  if (absl::Status s = Unary(RETNET_METHOD("Detokenize"), &ctx, req, &resp); !s.ok()) return s;
+  return resp;
 }
 
 absl::StatusOr<bool> Client::CheckHealth(const std::string& service) const {

@@ -24,6 +24,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "client/received.h"
 #include "retnet/v1/retnet.grpc.pb.h"
 
 namespace retnet::client {
@@ -67,7 +68,16 @@ class Client {
   // Deadline, authorization and (when `session_id` is not empty) x-session-id.
   void Prepare(grpc::ClientContext* context, const std::string& session_id = "") const;
 
+  // Streams whose reads tell an unparsable message from the end of the stream (received.h):
+  // on `!parsed`, cancel through the context and report UnparsableResponse<M>().
+  using GenerateStream = grpc::ClientReader<Received<v1::GenerateResponse>>;
+  using ChatStream = grpc::ClientReaderWriter<v1::ChatRequest, Received<v1::GenerateResponse>>;
+  std::unique_ptr<GenerateStream> StartGenerate(grpc::ClientContext* context,
+                                                const v1::GenerateRequest& request) const;
+  std::unique_ptr<ChatStream> StartChat(grpc::ClientContext* context) const;
+
   // One Generate stream; `on_chunk` (may be empty) sees every TokenChunk as it arrives.
+  // A message from the server that cannot be parsed ends the call at once with INTERNAL.
   absl::StatusOr<TurnResult> Generate(
       const v1::GenerateRequest& request,
       const std::function<void(const v1::TokenChunk&)>& on_chunk = nullptr) const;
@@ -81,12 +91,18 @@ class Client {
   absl::StatusOr<v1::Session> ImportSession(const std::string& id, const std::string& data,
                                             size_t chunk_bytes = 1 << 20) const;
   absl::StatusOr<std::vector<int64_t>> Tokenize(const std::string& text, bool add_bos) const;
-  absl::StatusOr<std::string> Detokenize(const std::vector<int64_t>& ids) const;
+  // The ids' text (valid UTF-8, U+FFFD for ill-formed bytes) and, in `raw`, their exact bytes.
+  absl::StatusOr<v1::DetokenizeResponse> Detokenize(const std::vector<int64_t>& ids) const;
+  // Every call above reports a response it cannot parse as INTERNAL naming the message type.
   // grpc.health.v1.Health/Check for `service` ("" = the whole server): true when SERVING.
   absl::StatusOr<bool> CheckHealth(const std::string& service = "") const;
 
  private:
   Client(ConnectionOptions options, std::shared_ptr<grpc::Channel> channel);
+  // A unary call of the RetNet service (`method` = "GetSession", ...) whose response must parse.
+  template <typename Response, typename Request>
+  absl::Status Unary(const char* method, grpc::ClientContext* context, const Request& request,
+                     Response* response) const;
 
   ConnectionOptions options_;
   std::shared_ptr<grpc::Channel> channel_;

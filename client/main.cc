@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "absl/strings/numbers.h"
+#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
@@ -277,7 +278,7 @@ class ChatRepl {
       // A chat stream lives as long as the conversation: no deadline on it.
       client_.Prepare(ctx_.get(), session_);
       ctx_->set_deadline(std::chrono::system_clock::time_point::max());
-      stream_ = client_.stub()->Chat(ctx_.get());
+      stream_ = client_.StartChat(ctx_.get());
     }
     v1::ChatRequest req;
     v1::GenerateRequest* turn = req.mutable_turn();
@@ -288,8 +289,17 @@ class ChatRepl {
     turn->set_text(text);
     if (absl::Status s = flags_.Apply(turn); !s.ok()) return s;
     if (!stream_->Write(req)) return Finish();
-    v1::GenerateResponse msg;
-    while (stream_->Read(&msg)) {
+    retnet::client::Received<v1::GenerateResponse> received;
+    const v1::GenerateResponse& msg = received.message;
+    while (stream_->Read(&received)) {
+      if (!received.parsed) {
+        ctx_->TryCancel();
+        (void)stream_->Finish();
+        stream_.reset();
+        ctx_.reset();
+        std::printf("\n");
+        return retnet::client::UnparsableResponse<v1::GenerateResponse>("Chat");
+      }
       if (msg.has_chunk()) {
         for (const auto& t : msg.chunk().tokens())
           std::fwrite(t.text().data(), 1, t.text().size(), stdout);
@@ -328,7 +338,7 @@ class ChatRepl {
   std::string session_;
   bool started_ = false;  // a turn has run (or the session was forked into existence)
   std::unique_ptr<grpc::ClientContext> ctx_;
-  std::unique_ptr<grpc::ClientReaderWriter<v1::ChatRequest, v1::GenerateResponse>> stream_;
+  std::unique_ptr<Client::ChatStream> stream_;
 };
 
 }  // namespace
@@ -362,6 +372,10 @@ int main(int argc, char** argv) {
   gen->add_option("--session", session,
                   "continue this session (created if missing; default: a new one)");
   gen->add_flag("--json", json, "print one JSON object (token ids, text, usage) at the end");
+  bool gen_raw = false;
+  gen->add_flag("--raw", gen_raw,
+                "stream the tokens' exact bytes (Token.token_bytes) instead of their UTF-8 text; "
+                "with --json, adds token_bytes_hex");
   gen->add_flag("--verbose,-v", verbose, "print the turn's statistics on stderr");
   gen_flags.Register(gen);
 
@@ -404,6 +418,10 @@ int main(int argc, char** argv) {
   CLI::App* detok = app.add_subcommand("detokenize", "token ids to text");
   std::vector<std::string> detok_ids;
   detok->add_option("ids", detok_ids, "ids (space or comma separated)")->required();
+  bool detok_raw = false;
+  detok->add_flag("--raw", detok_raw,
+                  "write the tokens' exact bytes (no newline); the default prints valid UTF-8 text "
+                  "with U+FFFD for ill-formed bytes");
   CLI::App* model = app.add_subcommand("model", "what the server serves");
   bool model_json = false;
   model->add_flag("--json", model_json, "JSON output");
@@ -492,13 +510,15 @@ int main(int argc, char** argv) {
       req.set_text(prompt == "-" ? ReadAll(std::cin) : prompt);
     }
     if (absl::Status s = gen_flags.Apply(&req); !s.ok()) return FailUsage(std::string(s.message()));
+    req.set_return_token_bytes(gen_raw);
     std::vector<v1::Token> tokens;
     auto result = client.Generate(req, [&](const v1::TokenChunk& chunk) {
       for (const auto& t : chunk.tokens()) {
         if (json) {
           tokens.push_back(t);
         } else {
-          std::fwrite(t.text().data(), 1, t.text().size(), stdout);
+          const std::string& out = gen_raw ? t.token_bytes() : t.text();
+          std::fwrite(out.data(), 1, out.size(), stdout);
         }
       }
       if (!json) std::fflush(stdout);
@@ -508,7 +528,16 @@ int main(int argc, char** argv) {
       return Fail(result.status());
     }
     if (json) {
-      std::cout << TurnJson(*result, tokens, req.has_logprobs()).dump() << "\n";
+      nlohmann::json j = TurnJson(*result, tokens, req.has_logprobs());
+      if (gen_raw) {
+        nlohmann::json hex = nlohmann::json::array();
+        for (const v1::Token& t : tokens) hex.push_back(absl::BytesToHexString(t.token_bytes()));
+        j["token_bytes_hex"] = hex;
+      }
+      std::cout << j.dump() << "\n";
+    } else if (gen_raw) {  // Final.text repeats bytes the tokens already carried
+      std::printf("\n");
+      if (verbose || ::isatty(2)) PrintTurnStats(*result);
     } else {
       std::printf("%s\n", result->final.text().c_str());
       if (verbose || ::isatty(2)) PrintTurnStats(*result);
@@ -588,9 +617,13 @@ int main(int argc, char** argv) {
       if (!parsed.ok()) return FailUsage(std::string(parsed.status().message()));
       ids.insert(ids.end(), parsed->begin(), parsed->end());
     }
-    auto text = client.Detokenize(ids);
-    if (!text.ok()) return Fail(text.status());
-    std::cout << *text << "\n";
+    auto resp = client.Detokenize(ids);
+    if (!resp.ok()) return Fail(resp.status());
+    if (detok_raw) {  // the exact bytes, no newline
+      std::cout.write(resp->raw().data(), static_cast<std::streamsize>(resp->raw().size()));
+    } else {
+      std::cout << resp->text() << "\n";
+    }
     return 0;
   }
   if (model->parsed()) {

@@ -334,6 +334,10 @@ absl::Status ValidateSamplingParams(const SamplingParams& p, int64_t vocab_size)
   for (size_t i = 0; i < p.stop_strings.size(); ++i) {
     if (p.stop_strings[i].empty())
       return Bad("stop_strings", absl::StrCat("entry ", i, " is empty"));
+    if (p.stop_strings[i].size() > kMaxStopStringBytes) {
+      return Bad("stop_strings", absl::StrCat("entry ", i, " is ", p.stop_strings[i].size(),
+                                              " bytes, at most ", kMaxStopStringBytes));
+    }
   }
   if (p.logprobs < -1 || p.logprobs > kMaxLogprobs) {
     return Bad("logprobs", absl::StrCat("must be -1 (none), 0 (chosen token) or in [1, ",

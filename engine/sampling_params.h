@@ -6,6 +6,7 @@
 #ifndef RETNET_ENGINE_SAMPLING_PARAMS_H_
 #define RETNET_ENGINE_SAMPLING_PARAMS_H_
 
+#include <cstddef>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -43,6 +44,7 @@ struct SamplingParams {
 };
 
 inline constexpr int kMaxStopStrings = 16;
+inline constexpr size_t kMaxStopStringBytes = 1024;  // each
 inline constexpr int32_t kMaxLogprobs = 20;
 inline constexpr double kMaxLogitBias = 100.0;
 inline constexpr double kMaxPresenceFrequencyPenalty = 2.0;

@@ -584,6 +584,15 @@ absl::StatusOr<Turn> RetNetService::PrepareTurn(grpc::CallbackServerContext* con
     }
     req.prompt.insert(req.prompt.end(), ids->begin(), ids->end());
   } else if (request.has_tokens()) {
+    const int64_t vocab = engine_->model_vocab_size();
+    for (int i = 0; i < request.tokens().ids_size(); ++i) {
+      const int64_t id = request.tokens().ids(i);
+      if (id < 0 || id >= vocab) {
+        if (turn.created) (void)engine_->DeleteSession(req.session_id);
+        return absl::InvalidArgumentError(absl::StrCat(
+            "tokens.ids[", i, "]: ", id, " is outside the vocabulary [0, ", vocab, ")"));
+      }
+    }
     req.prompt.insert(req.prompt.end(), request.tokens().ids().begin(),
                       request.tokens().ids().end());
   }

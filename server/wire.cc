@@ -6,6 +6,7 @@
 #include <grpcpp/support/proto_buffer_reader.h>
 #include <grpcpp/impl/codegen/proto_utils.h>
 #include <grpcpp/support/proto_buffer_writer.h>
+#include <spdlog/pattern_formatter.h>
 #include <spdlog/spdlog.h>
 
 #include <mutex>
@@ -85,6 +86,51 @@ void SerializeTo(const pb::Message& msg, grpc::ByteBuffer* out) {
   // Serialize into gRPC slices directly; the status is only non-OK for messages over 2 GiB,
   // which the service never builds (snapshot chunks are bounded).
   (void)grpc::SerializationTraits<pb::Message>::Serialize(msg, out, &own);
+}
+
+namespace {
+
+void Append(spdlog::memory_buf_t& dest, std::string_view s) {
+  dest.append(s.data(), s.data() + s.size());
+}
+
+// %* in the pattern: the message as the inside of a JSON string.
+class JsonEscapedMessage final : public spdlog::custom_flag_formatter {
+ public:
+  void format(const spdlog::details::log_msg& msg, const std::tm&,
+              spdlog::memory_buf_t& dest) override {
+    const std::string text =
+        common::SanitizeUtf8(std::string_view(msg.payload.data(), msg.payload.size()));
+    static constexpr char kHex[] = "0123456789abcdef";
+    for (unsigned char c : text) {
+      switch (c) {
+        case '"': Append(dest, "\\\""); break;
+        case '\\': Append(dest, "\\\\"); break;
+        case '\n': Append(dest, "\\n"); break;
+        case '\r': Append(dest, "\\r"); break;
+        case '\t': Append(dest, "\\t"); break;
+        default:
+          if (c < 0x20 || c == 0x7f) {
+            const char esc[6] = {'\\', 'u', '0', '0', kHex[c >> 4], kHex[c & 15]};
+            dest.append(esc, esc + 6);
+          } else {
+            dest.push_back(static_cast<char>(c));
+          }
+      }
+    }
+  }
+  std::unique_ptr<spdlog::custom_flag_formatter> clone() const override {
+    return std::make_unique<JsonEscapedMessage>();
+  }
+};
+
+}  // namespace
+
+void UseJsonLogs() {
+  auto formatter = std::make_unique<spdlog::pattern_formatter>(spdlog::pattern_time_type::utc);
+  formatter->add_flag<JsonEscapedMessage>('*').set_pattern(
+      R"({"time":"%Y-%m-%dT%H:%M:%S.%eZ","level":"%l","thread":%t,"msg":"%*"})");
+  spdlog::set_formatter(std::move(formatter));
 }
 
 void RouteProtobufLogsToSpdlog() {

@@ -38,6 +38,11 @@ void SerializeTo(const google::protobuf::Message& msg, grpc::ByteBuffer* out);
 // the service answers itself) to spdlog at debug level. Idempotent.
 void RouteProtobufLogsToSpdlog();
 
+// Makes every spdlog line one JSON object {"time","level","thread","msg"}: the message is
+// escaped (quotes, backslashes, control characters) and made valid UTF-8 (U+FFFD). Call before
+// other threads log.
+void UseJsonLogs();
+
 // One line per RPC and per turn: method, session, status code, tokens and milliseconds.
 // `session` must already be bounded and printable (it is only logged after validation);
 // `prompt_tokens`/`completion_tokens` are -1 when they do not apply.

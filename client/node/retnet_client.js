@@ -121,10 +121,10 @@ class Client {
   /** The GenerateRequest for a prompt (text, or an array/iterable of token ids) and options. */
   static request(prompt, {
     session = '', maxNewTokens = 128, temperature = 0.0, topK = 0, topP = null, seed = null,
-    stop = [], ignoreEos = false, logprobs = null,
+    stop = [], ignoreEos = false, logprobs = null, logitBias = null, tokenBytes = false,
   } = {}) {
     // A named session is continued, or created under that name if it does not exist.
-    const req = { sessionId: session, createSession: Boolean(session) };
+    const req = { sessionId: session, createSession: Boolean(session), returnTokenBytes: tokenBytes };
     if (typeof prompt === 'string') {
       req.text = prompt;
     } else if (prompt != null && typeof prompt[Symbol.iterator] === 'function') {
@@ -137,6 +137,10 @@ class Client {
     if (seed != null) req.sampling.seed = seed;
     req.stopping = { maxNewTokens, stop: Array.from(stop), ignoreEos };
     if (logprobs != null) req.logprobs = logprobs;
+    if (logitBias != null) {
+      req.sampling.logitBias = {};
+      for (const [id, bias] of Object.entries(logitBias)) req.sampling.logitBias[id] = Number(bias);
+    }
     return req;
   }
 
@@ -153,9 +157,7 @@ class Client {
     try {
       for await (const msg of call) {
         if (msg.kind === 'chunk') {
-          for (const t of msg.chunk.tokens) {
-            yield { id: t.id, text: t.text, logprob: t.logprob === undefined ? null : t.logprob };
-          }
+          for (const t of msg.chunk.tokens) yield Client._piece(t, req.returnTokenBytes);
         } else if (msg.kind === 'final') {
           this.lastFinal = msg.final;
         }
@@ -170,6 +172,69 @@ class Client {
     if (this.lastFinal === null) {
       throw rpcError(grpc.status.INTERNAL, 'the Generate stream ended without a Final message');
     }
+  }
+
+  /** {id, text, logprob, tokenBytes}: tokenBytes (a Buffer) only when asked for. */
+  static _piece(t, withBytes) {
+    return {
+      id: t.id,
+      text: t.text,
+      logprob: t.logprob === undefined || t.logprob === null ? null : t.logprob,
+      tokenBytes: withBytes ? Buffer.from(t.tokenBytes) : null,
+    };
+  }
+
+  /**
+   * One Chat stream: sends each request of `turns` (built with Client.request) after the previous
+   * turn's Final and yields that turn's pieces; its Final is in `lastFinal` meanwhile.
+   */
+  async *chat(turns, session = '') {
+    const call = this._stub.chat(this._metadata(session), this._callOptions());
+    const queue = [];
+    let wake = null;
+    let ended = null;  // the stream's error, or true when it ended
+    const notify = () => { if (wake) { const w = wake; wake = null; w(); } };
+    call.on('data', (msg) => { queue.push(msg); notify(); });
+    call.on('error', (err) => { ended = err; notify(); });
+    call.on('end', () => { if (ended === null) ended = true; notify(); });
+    try {
+      for (const req of turns) {
+        call.write({ turn: req });
+        const pieces = [];
+        this.lastFinal = null;
+        while (this.lastFinal === null) {
+          if (queue.length === 0) {
+            if (ended instanceof Error) throw ended;
+            if (ended) throw rpcError(grpc.status.INTERNAL, 'the Chat stream ended before a Final');
+            await new Promise((resolve) => { wake = resolve; });
+            continue;
+          }
+          const msg = queue.shift();
+          if (msg.kind === 'chunk') {
+            for (const t of msg.chunk.tokens) pieces.push(Client._piece(t, req.returnTokenBytes));
+          } else if (msg.kind === 'final') {
+            this.lastFinal = msg.final;
+          }
+        }
+        yield pieces;
+      }
+      call.end();
+    } finally {
+      if (ended === null) {
+        call.on('error', () => {});
+        call.cancel();
+      }
+    }
+  }
+
+  async tokenize(text, addBos = false) {
+    return (await this._unary('tokenize', { text, addBos })).ids;
+  }
+
+  /** {text, raw}: valid UTF-8 text (U+FFFD for ill-formed bytes) and the exact bytes (a Buffer). */
+  async detokenize(ids) {
+    const resp = await this._unary('detokenize', { ids: Array.from(ids, Number) });
+    return { text: resp.text, raw: Buffer.from(resp.raw) };
   }
 
   /** generate() collected into {tokens, text, final}. */
