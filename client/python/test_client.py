@@ -9,11 +9,9 @@ status codes surface as grpc.RpcError.
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 
 
 def main() -> int:
@@ -29,27 +27,12 @@ def main() -> int:
     from retnet.v1 import retnet_pb2 as pb
     from retnet.v1 import retnet_pb2_grpc as pb_grpc
 
-    tmp = tempfile.mkdtemp()
-    port_file = os.path.join(tmp, "port")
-    proc = subprocess.Popen([args.server, "--listen", "127.0.0.1:0", "--metrics-listen", "",
-                             "--port-file", port_file, "--log-level", "warn"])
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tests"))
+    from harness import ServerProcess, check, finish
+
+    server = ServerProcess(args.server, tempfile.mkdtemp(), "server", "--log-level", "warn")
     try:
-        for _ in range(3000):  # bounded: up to 30 s for the model to load
-            if os.path.exists(port_file):
-                break
-            if proc.poll() is not None:
-                print("server exited early", file=sys.stderr)
-                return 1
-            time.sleep(0.01)
-        port = int(open(port_file).read())
-        target = f"127.0.0.1:{port}"
-        failures = []
-
-        def check(cond, what):
-            print(("ok   " if cond else "FAIL ") + what)
-            if not cond:
-                failures.append(what)
-
+        target = server.target
         with Client(target) as c:
             info = c.model_info()
             check(info.vocab_size == 258, "model info: vocab 258")
@@ -84,10 +67,9 @@ def main() -> int:
             except grpc.RpcError as e:
                 check(e.code() == grpc.StatusCode.INVALID_ARGUMENT and "temperature" in e.details(),
                       "negative temperature is INVALID_ARGUMENT naming the field")
-        return 1 if failures else 0
+        return finish()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
+        server.stop()
 
 
 if __name__ == "__main__":

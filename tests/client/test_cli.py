@@ -21,40 +21,16 @@ import sys
 import tempfile
 import time
 
-FAILURES = []
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from harness import FAILURES, ServerProcess, check  # noqa: E402
+
 EXIT_USAGE, EXIT_RPC = 2, 64
 CODE = {"INVALID_ARGUMENT": 3, "NOT_FOUND": 5, "RESOURCE_EXHAUSTED": 8, "UNAVAILABLE": 14,
         "UNAUTHENTICATED": 16}
 
 
-def check(cond, what):
-    print(("ok   " if cond else "FAIL ") + what, flush=True)
-    if not cond:
-        FAILURES.append(what)
-    return cond
-
-
-class Server:
-    def __init__(self, binary, tmp, name, *extra):
-        self.port_file = os.path.join(tmp, name + ".port")
-        self.proc = subprocess.Popen([binary, "--listen", "127.0.0.1:0", "--metrics-listen", "",
-                                      "--port-file", self.port_file, "--log-level", "warn", *extra])
-        for _ in range(3000):  # bounded: up to 30 s for the model to load
-            if os.path.exists(self.port_file):
-                break
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server {name} exited early")
-            time.sleep(0.01)
-        self.port = int(open(self.port_file).read())
-        self.target = f"127.0.0.1:{self.port}"
-
-    def stop(self):
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+def Server(binary, tmp, name, *extra):
+    return ServerProcess(binary, tmp, name, "--log-level", "warn", *extra)
 
 
 class Cli:

@@ -18,41 +18,22 @@ import argparse
 import concurrent.futures
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 
-FAILURES = []
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from harness import ServerProcess, check, finish  # noqa: E402
+
 ROGUE_WAIT_S = 5.0  # a client that does not cancel by then is too slow ("at once" fails)
 EXIT_INTERNAL = 64 + 13
-
-
-def check(cond, what):
-    print(("ok   " if cond else "FAIL ") + what, flush=True)
-    if not cond:
-        FAILURES.append(what)
-    return cond
 
 
 def sanitized(data: bytes) -> str:
     # Python's "replace" substitutes U+FFFD per maximal ill-formed subpart, as the server does.
     return data.decode("utf-8", "replace")
-
-
-def start_server(binary, tmp):
-    port_file = os.path.join(tmp, "port")
-    proc = subprocess.Popen([binary, "--listen", "127.0.0.1:0", "--metrics-listen", "",
-                             "--port-file", port_file, "--log-level", "warn"])
-    for _ in range(3000):  # bounded: up to 30 s for the model to load
-        if os.path.exists(port_file) and open(port_file).read().strip():
-            break
-        if proc.poll() is not None:
-            raise RuntimeError("retnet-server exited early")
-        time.sleep(0.01)
-    return proc, f"127.0.0.1:{int(open(port_file).read())}"
 
 
 class Rogue:
@@ -312,8 +293,8 @@ def main() -> int:
     from retnet_client import Client
     from retnet.v1 import retnet_pb2 as pb
 
-    tmp = tempfile.mkdtemp()
-    proc, target = start_server(args.server, tmp)
+    server = ServerProcess(args.server, tempfile.mkdtemp(), "server", "--log-level", "warn")
+    target = server.target
     rogue = Rogue(grpc, pb)
     try:
         check_real_cxx(args.client, target)
@@ -322,13 +303,8 @@ def main() -> int:
         check_rogue(rogue, args.client, Client, grpc, args.node)
     finally:
         rogue.stop()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    print(f"{len(FAILURES)} failures" if FAILURES else "all passed")
-    return 1 if FAILURES else 0
+        server.stop()
+    return finish()
 
 
 if __name__ == "__main__":

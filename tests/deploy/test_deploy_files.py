@@ -21,14 +21,8 @@ import tempfile
 
 import yaml
 
-FAILURES = []
-
-
-def check(cond, what):
-    print(("ok   " if cond else "FAIL ") + what, flush=True)
-    if not cond:
-        FAILURES.append(what)
-    return cond
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from harness import FAILURES, check  # noqa: E402
 
 
 def dockerfile_copies(path):

@@ -23,14 +23,8 @@ import sys
 import tempfile
 import time
 
-FAILURES = []
-
-
-def check(cond, what):
-    print(("ok   " if cond else "FAIL ") + what, flush=True)
-    if not cond:
-        FAILURES.append(what)
-    return cond
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from harness import FAILURES, ServerProcess, check  # noqa: E402
 
 
 def free_port():
@@ -41,33 +35,10 @@ def free_port():
     return port
 
 
-class Replica:
-    def __init__(self, binary, tmp, name, state_dir):
-        self.name = name
-        self.port_file = os.path.join(tmp, name + ".port")
-        self.log = open(os.path.join(tmp, name + ".log"), "w")
-        self.proc = subprocess.Popen(
-            [binary, "--listen", "127.0.0.1:0", "--metrics-listen", "", "--port-file", self.port_file,
-             "--state-dir", state_dir, "--state-dir-shared", "--snapshot-interval-s", "3600",
-             "--drain-grace-s", "60", "--log-level", "info"], stdout=self.log, stderr=self.log)
-        for _ in range(3000):  # bounded: up to 30 s for the model to load
-            if os.path.exists(self.port_file):
-                break
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{name} exited early")
-            time.sleep(0.01)
-        self.port = int(open(self.port_file).read())
-        self.target = f"127.0.0.1:{self.port}"
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
+def Replica(binary, tmp, name, state_dir):
+    return ServerProcess(binary, tmp, name, "--state-dir", state_dir, "--state-dir-shared",
+                         "--snapshot-interval-s", "3600", "--drain-grace-s", "60", "--log-level", "info",
+                         log=os.path.join(tmp, name + ".log"))
 
 
 class Gateway:

@@ -20,25 +20,19 @@ import argparse
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 
-FAILURES = []
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from harness import ServerProcess, check, finish  # noqa: E402
+
 MAX_RSS_GROWTH_MB = 256
 FORBIDDEN = {"UNIMPLEMENTED", "INTERNAL", "UNKNOWN", "UNAVAILABLE"}
 CANARY_TURNS = 12
 CANARY_TOKENS = 48
-
-
-def check(cond, what):
-    print(("ok   " if cond else "FAIL ") + what, flush=True)
-    if not cond:
-        FAILURES.append(what)
-    return cond
 
 
 def rss_mb(pid):
@@ -263,23 +257,13 @@ def main() -> int:
 
     rng = random.Random(args.seed)
     tmp = tempfile.mkdtemp()
-    port_file = os.path.join(tmp, "port")
     log_path = os.path.join(tmp, "server.log")
-    log = open(log_path, "wb")
-    proc = subprocess.Popen([args.server, "--listen", "127.0.0.1:0", "--metrics-listen", "", "--port-file",
-                             port_file, "--log-level", "info", "--json-logs", "--max-sessions", "16",
-                             "--max-host-sessions", "4096", "--max-prompt-tokens", "1024",
-                             "--max-new-tokens", "512", "--default-max-new-tokens", "16"],
-                            stdout=log, stderr=subprocess.STDOUT)
+    server = ServerProcess(args.server, tmp, "server", "--log-level", "info", "--json-logs",
+                           "--max-sessions", "16", "--max-host-sessions", "4096", "--max-prompt-tokens",
+                           "1024", "--max-new-tokens", "512", "--default-max-new-tokens", "16", log=log_path)
+    proc = server.proc
     try:
-        for _ in range(3000):  # bounded: up to 30 s for the model to load
-            if os.path.exists(port_file) and open(port_file).read().strip():
-                break
-            if proc.poll() is not None:
-                print("server exited early", file=sys.stderr)
-                return 1
-            time.sleep(0.01)
-        target = f"127.0.0.1:{int(open(port_file).read())}"
+        target = server.target
         channel = grpc.insecure_channel(target, options=[("grpc.enable_retries", 0)])
         raw = Raw(grpc, channel, pb)
         client = Client(target, timeout=120, retries=0)
@@ -313,7 +297,6 @@ def main() -> int:
                   f"{method} bad {field}: {code} {details[:120]!r}")
             refused += code != "OK"
         # An import whose later message is not a message must not commit.
-        snap = []
         code, _, resp = raw.call("ExportSession", pb.ExportSessionRequest(session_id="canary-src").SerializeToString())
         data = b"".join(pb.SnapshotChunk.FromString(r).data for r in resp)
         first = pb.ImportSessionRequest(session_id="fz-imp", data=data[:len(data) // 2]).SerializeToString()
@@ -419,13 +402,7 @@ time.sleep(600)
         check(rss1 - rss0 < MAX_RSS_GROWTH_MB, f"RSS growth {rss1 - rss0:.0f} MB < {MAX_RSS_GROWTH_MB} MB "
               f"({rss0:.0f} -> {rss1:.0f})")
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            rc = proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            rc = proc.wait()
-        log.close()
+        rc = server.stop()
     check(rc == 0, f"server drained and exited 0 ({rc})")
     lines = open(log_path, "rb").read().splitlines()
     not_json = []
@@ -441,8 +418,7 @@ time.sleep(600)
             not_json.append(ln[:200])
     check(not not_json, f"--json-logs: all {len(lines)} lines are JSON objects ({not_json[:3]})")
     check(rpc_lines >= refused, f"a log line per RPC: {rpc_lines} rpc= lines >= {refused} refusals")
-    print(f"{len(FAILURES)} failures" if FAILURES else "all passed")
-    return 1 if FAILURES else 0
+    return finish()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,90 @@
+"""What the Python tests share: check() with a failure list, and live retnet-server processes.
+
+    sys.path.insert(0, "<repo>/tests"); import harness
+    server = harness.ServerProcess("build/bin/retnet-server", tmp, "a", "--max-sessions", "4")
+    harness.check(..., "what must hold")
+    server.stop()
+    sys.exit(harness.finish())
+
+Servers listen on 127.0.0.1 port 0 and report the bound port through --port-file; the wait for
+it is bounded (the model loads first).
+"""
+
+import os
+import signal
+import subprocess
+import time
+
+FAILURES = []
+
+
+def check(cond, what):
+    """Prints ok/FAIL for `what`; a failure is remembered for finish(). Returns `cond`."""
+    print(("ok   " if cond else "FAIL ") + what, flush=True)
+    if not cond:
+        FAILURES.append(what)
+    return cond
+
+
+def finish() -> int:
+    """The exit status: 0 when every check passed."""
+    print(f"{len(FAILURES)} failures" if FAILURES else "all passed", flush=True)
+    return 1 if FAILURES else 0
+
+
+class ServerProcess:
+    """One retnet-server on 127.0.0.1:0 (metrics off). `log`: a file path for its stdout and
+    stderr (default: inherited); `preexec_fn`: run in the child before exec (resource limits)."""
+
+    def __init__(self, binary, tmp, name="server", *extra, log=None, preexec_fn=None,
+                 load_timeout_s=30.0):
+        self.name = name
+        self.port_file = os.path.join(tmp, name + ".port")
+        if os.path.exists(self.port_file):
+            os.unlink(self.port_file)
+        self.log_path = log
+        self._log = open(log, "ab") if log else None
+        self.proc = subprocess.Popen(
+            [binary, "--listen", "127.0.0.1:0", "--metrics-listen", "", "--port-file", self.port_file,
+             *extra], stdout=self._log, stderr=subprocess.STDOUT if self._log else None,
+            preexec_fn=preexec_fn)
+        deadline = time.monotonic() + load_timeout_s
+        while True:  # bounded by the deadline
+            if os.path.exists(self.port_file) and open(self.port_file).read().strip():
+                break
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"retnet-server {name} exited early ({self.proc.returncode})")
+            if time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"retnet-server {name} did not listen within {load_timeout_s} s")
+            time.sleep(0.01)
+        self.port = int(open(self.port_file).read())
+        self.target = f"127.0.0.1:{self.port}"
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def stop(self, timeout=90):
+        """SIGTERM (the drain), then SIGKILL after `timeout`; the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._close_log()
+        return self.proc.returncode
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._close_log()
+        return self.proc.returncode
+
+    def _close_log(self):
+        if self._log:
+            self._log.close()
+            self._log = None
