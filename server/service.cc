@@ -64,6 +64,18 @@ absl::Status CheckSessionId(const std::string& id, const char* field, bool optio
   return absl::OkStatus();
 }
 
+// Checks a unary call's required `session_id` and names it in the call's log line; false when
+// the call was answered (INVALID_ARGUMENT).
+template <typename Reply>
+bool RequireSessionId(const std::string& id, Reply* reply) {
+  if (absl::Status check = CheckSessionId(id, "session_id", /*optional=*/false); !check.ok()) {
+    reply->Done(check);
+    return false;
+  }
+  reply->set_session(id);
+  return true;
+}
+
 // A streaming call that ends at once with an error.
 template <typename Base>
 class Refused final : public Base {
@@ -669,13 +681,10 @@ grpc::ServerUnaryReactor* RetNetService::GetSession(grpc::CallbackServerContext*
   auto* reply = new UnaryReply<v1::Session>("GetSession", out);
   v1::GetSessionRequest request;
   std::string caller;
-  if (!Begin(context, in, &request, reply, &caller)) return reply;
-  absl::Status check = CheckSessionId(request.session_id(), "session_id", /*optional=*/false);
-  if (!check.ok()) {
-    reply->Done(check);
+  if (!Begin(context, in, &request, reply, &caller) ||
+      !RequireSessionId(request.session_id(), reply)) {
     return reply;
   }
-  reply->set_session(request.session_id());
   auto info = FindSession(caller + request.session_id());
   if (info.ok()) ToProto(*info, caller, reply->response());
   reply->Done(info.status());
@@ -731,13 +740,10 @@ grpc::ServerUnaryReactor* RetNetService::DeleteSession(grpc::CallbackServerConte
   auto* reply = new UnaryReply<v1::DeleteSessionResponse>("DeleteSession", out);
   v1::DeleteSessionRequest request;
   std::string caller;
-  if (!Begin(context, in, &request, reply, &caller)) return reply;
-  absl::Status check = CheckSessionId(request.session_id(), "session_id", /*optional=*/false);
-  if (!check.ok()) {
-    reply->Done(check);
+  if (!Begin(context, in, &request, reply, &caller) ||
+      !RequireSessionId(request.session_id(), reply)) {
     return reply;
   }
-  reply->set_session(request.session_id());
   const std::string id = caller + request.session_id();
   absl::Status deleted = engine_->DeleteSession(id);
   // A session another replica left in the shared state directory is deleted there too; a
