@@ -248,7 +248,11 @@ def main() -> int:
     ap.add_argument("--stubs", required=True)
     ap.add_argument("--seed", type=int, default=11)
     ap.add_argument("--scale", type=int, default=1, help="multiplies the random and storm counts")
+    ap.add_argument("--skip-missing", action="store_true", help="exit 77 (skipped) when --server is missing")
     args = ap.parse_args()
+    if args.skip_missing and not os.path.exists(args.server):
+        print(f"skipped: {args.server} was not built")
+        return 77
     sys.path.insert(0, args.stubs)
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "client", "python"))
     import grpc
