@@ -6,11 +6,11 @@
 #include <grpcpp/support/sync_stream.h>
 
 #include <fstream>
-#include <random>
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
+#include "common/strings.h"
 
 namespace retnet::client {
 
@@ -356,13 +356,7 @@ std::string Explain(const absl::Status& status) {
   }
 }
 
-std::string NewSessionId() {
-  static constexpr char kHex[] = "0123456789abcdef";
-  std::random_device rd;
-  std::string id = "c-";
-  for (int i = 0; i < 16; ++i) id.push_back(kHex[rd() % 16]);
-  return id;
-}
+std::string NewSessionId() { return common::RandomHexId("c-"); }
 
 std::string FinishReasonName(v1::FinishReason reason) {
   std::string name = v1::FinishReason_Name(reason);

@@ -9,6 +9,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "common/strings.h"
 #include "engine/engine_internal.h"
 #include "engine/snapshot.h"
 
@@ -151,13 +152,7 @@ PoolStats Engine::Stats() const {
   return s;
 }
 
-std::string Engine::NewId() {
-  std::random_device rd;
-  std::string id = "s-";
-  static constexpr char kHex[] = "0123456789abcdef";
-  for (int i = 0; i < 16; ++i) id.push_back(kHex[rd() % 16]);
-  return id;
-}
+std::string Engine::NewId() { return common::RandomHexId("s-"); }
 
 at::Tensor Engine::SlotView(int64_t slot) const { return pool_->state.narrow(1, slot, 1); }
 
@@ -266,8 +261,7 @@ absl::StatusOr<SessionInfo> Engine::CreateSession(const std::string& id) {
   try {
     return CreateSessionImpl(id);
   } catch (const std::exception& e) {
-    const std::string what = e.what();
-    return absl::InternalError(absl::StrCat("CreateSession: ", what.substr(0, what.find('\n'))));
+    return absl::InternalError(absl::StrCat("CreateSession: ", common::FirstLine(e.what())));
   }
 }
 
@@ -319,8 +313,7 @@ absl::StatusOr<SessionInfo> Engine::ForkSession(const std::string& source,
   try {
     return ForkSessionImpl(source, new_id);
   } catch (const std::exception& e) {
-    const std::string what = e.what();
-    return absl::InternalError(absl::StrCat("ForkSession: ", what.substr(0, what.find('\n'))));
+    return absl::InternalError(absl::StrCat("ForkSession: ", common::FirstLine(e.what())));
   }
 }
 
@@ -351,8 +344,7 @@ absl::StatusOr<std::string> Engine::SnapshotSession(const std::string& id) {
   try {
     return SnapshotSessionImpl(id);
   } catch (const std::exception& e) {
-    const std::string what = e.what();
-    return absl::InternalError(absl::StrCat("SnapshotSession: ", what.substr(0, what.find('\n'))));
+    return absl::InternalError(absl::StrCat("SnapshotSession: ", common::FirstLine(e.what())));
   }
 }
 
@@ -389,8 +381,7 @@ absl::StatusOr<SessionInfo> Engine::RestoreSession(const std::string& snapshot,
   try {
     return RestoreSessionImpl(snapshot, new_id);
   } catch (const std::exception& e) {
-    const std::string what = e.what();
-    return absl::InternalError(absl::StrCat("RestoreSession: ", what.substr(0, what.find('\n'))));
+    return absl::InternalError(absl::StrCat("RestoreSession: ", common::FirstLine(e.what())));
   }
 }
 

@@ -5,6 +5,7 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
+#include "common/strings.h"
 #include "engine/engine.h"
 #include "engine/engine_internal.h"
 
@@ -81,7 +82,7 @@ bool Engine::Iterate() {
 // memory exhausted while sampling): every running request ends with an error and its session's
 // state, possibly half-updated, is marked lost.
 void Engine::FailAll(const std::string& what) {
-  const std::string message = what.substr(0, what.find('\n'));
+  const std::string message = common::FirstLine(what);
   std::vector<std::unique_ptr<Request>> failed;
   {
     absl::MutexLock lock(&mu_);

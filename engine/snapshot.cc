@@ -42,14 +42,6 @@ class Reader {
 
 }  // namespace
 
-uint64_t Fnv1a(std::string_view bytes, uint64_t hash) {
-  for (unsigned char c : bytes) {
-    hash ^= c;
-    hash *= 1099511628211ull;
-  }
-  return hash;
-}
-
 std::string EncodeSnapshot(const SnapshotData& d) {
   std::string out(kMagic, 8);
   Put<uint32_t>(out, kSnapshotVersion);

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "common/strings.h"
 
 namespace retnet::engine {
 
@@ -39,7 +40,7 @@ std::string EncodeSnapshot(const SnapshotData& data);
 // INVALID_ARGUMENT naming what is wrong (truncated, bad magic, unsupported version, checksum).
 absl::StatusOr<SnapshotData> DecodeSnapshot(std::string_view bytes);
 
-uint64_t Fnv1a(std::string_view bytes, uint64_t hash = 14695981039346656037ull);
+using common::Fnv1a;  // the snapshot checksum
 
 }  // namespace retnet::engine
 

@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
+#include "common/strings.h"
 
 namespace retnet::server {
 
@@ -36,11 +37,7 @@ absl::StatusOr<std::string> ApiKeys::Authenticate(const grpc::ServerContextBase&
   const std::string key(value);
   if (keys_.count(key) == 0) return absl::UnauthenticatedError("unknown API key");
   // A stable, non-reversible tag: FNV-1a of the key.
-  uint64_t h = 14695981039346656037ull;
-  for (unsigned char c : key) {
-    h ^= c;
-    h *= 1099511628211ull;
-  }
+  const uint64_t h = common::Fnv1a(key);
   char tag[20];
   std::snprintf(tag, sizeof(tag), "%016llx", static_cast<unsigned long long>(h));
   return absl::StrCat("k", tag, "/");

@@ -4,13 +4,13 @@
 #include <functional>
 #include <memory>
 #include <optional>
-#include <random>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "common/status_macros.h"
+#include "common/strings.h"
 #include "common/utf8.h"
 #include "server/status.h"
 #include "server/turn_stream.h"
@@ -21,13 +21,7 @@ namespace {
 
 namespace v1 = ::retnet::v1;
 
-std::string RandomId() {
-  std::random_device rd;
-  static constexpr char kHex[] = "0123456789abcdef";
-  std::string id = "s-";
-  for (int i = 0; i < 16; ++i) id.push_back(kHex[rd() % 16]);
-  return id;
-}
+std::string RandomId() { return common::RandomHexId("s-"); }
 
 int64_t UnixMs(absl::Time t) { return absl::ToUnixMillis(t); }
 
