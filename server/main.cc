@@ -11,6 +11,7 @@
 #include <iostream>
 
 #include "server/server.h"
+#include "server/wire.h"
 
 int main(int argc, char** argv) {
   retnet::server::ServerOptions o;
@@ -92,7 +93,7 @@ int main(int argc, char** argv) {
   spdlog::set_default_logger(logger);
   spdlog::set_level(spdlog::level::from_str(log_level));
   if (json_logs) {
-    spdlog::set_pattern(R"({"time":"%Y-%m-%dT%H:%M:%S.%e","level":"%l","msg":"%v"})");
+    retnet::server::UseJsonLogs();
   }
   o.session_ttl = absl::Seconds(ttl_s);
   o.snapshot_interval = absl::Seconds(snapshot_s);
@@ -119,7 +120,8 @@ int main(int argc, char** argv) {
   int signal_number = 0;
   sigwait(&signals, &signal_number);
   spdlog::info("draining (grace {} s)", grace_s);
-  (*server)->Drain(absl::Seconds(grace_s));
+  // Exit status 1 when a session could not be saved (Drain logged how many).
+  const absl::Status drained = (*server)->Drain(absl::Seconds(grace_s));
   spdlog::info("stopped");
-  return 0;
+  return drained.ok() ? 0 : 1;
 }

@@ -6,6 +6,7 @@
 #include <httplib.h>
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <atomic>
 #include <thread>
 
@@ -43,23 +44,38 @@ struct Server::Impl {
 
   absl::Mutex mu;
   bool drained ABSL_GUARDED_BY(mu) = false;
+  absl::Status drain_result ABSL_GUARDED_BY(mu);
   absl::Notification stop_housekeeping;
   std::thread housekeeping;
 
-  int64_t SnapshotAll() { return state ? state->SaveAll() : 0; }
+  SaveReport SnapshotAll() { return state ? state->SaveAll() : SaveReport{}; }
 
-  void LogSaved(int64_t n) {
-    if (state) spdlog::info("drain: {} sessions saved to {}", n, state->dir());
+  // Periodic rounds on a fixed cadence: each starts `snapshot_interval` after the previous one
+  // started (at once when that one took longer), so a change waits at most one interval for
+  // the round that writes it.
+  void Housekeeping() {
+    const absl::Duration interval = options.snapshot_interval;
+    absl::Time next = absl::Now() + interval;
+    while (!stop_housekeeping.WaitForNotificationWithDeadline(next)) {
+      const absl::Time start = absl::Now();
+      const SaveReport r = SnapshotAll();
+      if (r.written + r.failed > 0) {
+        spdlog::debug("snapshot round: {} written, {} unchanged, {} busy, {} failed in {:.1f} ms",
+                      r.written, r.unchanged, r.busy, r.failed,
+                      absl::ToDoubleMilliseconds(absl::Now() - start));
+      }
+      next = std::max(next + interval, absl::Now());
+    }
   }
 };
 
 Server::Server(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 
-Server::~Server() { Drain(absl::ZeroDuration()); }
+Server::~Server() { Drain(absl::ZeroDuration()).IgnoreError(); }
 
 int Server::port() const { return impl_->port; }
 int Server::metrics_port() const { return impl_->metrics_port; }
-int64_t Server::SnapshotAll() { return impl_->SnapshotAll(); }
+int64_t Server::SnapshotAll() { return impl_->SnapshotAll().written; }
 
 std::string Server::Describe() const {
   const engine::PoolStats s = impl_->engine->Stats();
@@ -93,6 +109,9 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   if (options.tls_cert.empty() != options.tls_key.empty()) {
     return absl::InvalidArgumentError("tls: give both --tls-cert and --tls-key, or neither");
   }
+  // Before the port is bound and the model loads: a state directory that cannot hold snapshots
+  // would make every save fail later.
+  if (!options.state_dir.empty()) RETURN_IF_ERROR(StateDirectory::Prepare(options.state_dir));
   ServiceOptions so;
   so.checkpoint = impl->checkpoint;
   so.device = options.device;
@@ -184,18 +203,14 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
     }
     impl->http_thread = std::thread([raw] { raw->http->listen_after_bind(); });
   }
-  impl->housekeeping = std::thread([raw] {
-    while (!raw->stop_housekeeping.WaitForNotificationWithTimeout(raw->options.snapshot_interval)) {
-      raw->SnapshotAll();
-    }
-  });
+  impl->housekeeping = std::thread([raw] { raw->Housekeeping(); });
   return std::unique_ptr<Server>(new Server(std::move(impl)));
 }
 
-void Server::Drain(absl::Duration grace) {
+absl::Status Server::Drain(absl::Duration grace) {
   {
     absl::MutexLock lock(&impl_->mu);
-    if (impl_->drained) return;
+    if (impl_->drained) return impl_->drain_result;
     impl_->drained = true;
   }
   auto* health = impl_->grpc_server->GetHealthCheckService();
@@ -205,7 +220,11 @@ void Server::Drain(absl::Duration grace) {
   if (impl_->housekeeping.joinable()) impl_->housekeeping.join();
   // Idle sessions are saved before the port closes: once a gateway can no longer reach this
   // replica, their snapshots are there for the next one.
-  impl_->LogSaved(impl_->SnapshotAll());
+  if (impl_->state) {
+    const SaveReport r = impl_->SnapshotAll();
+    spdlog::info("drain: {} of {} idle sessions saved before closing the port, {} failed",
+                 r.saved(), r.sessions - r.busy, r.failed);
+  }
   // The port closes now (new calls go elsewhere); running streams get the grace period, and a
   // finished turn's end is sent only once it is saved (write-through), so its session can
   // continue elsewhere from that turn. Streams still open at the deadline are cancelled.
@@ -214,15 +233,33 @@ void Server::Drain(absl::Duration grace) {
   spdlog::info("drain: gRPC stopped");
   // Cancelled streams cancelled their generations; the engine ends them within an iteration.
   if (!impl_->engine->WaitIdle(absl::Seconds(30))) spdlog::warn("drain: generations still running");
-  if (impl_->state) impl_->state->Flush();
-  impl_->LogSaved(impl_->SnapshotAll());  // what changed during the drain
-  if (impl_->state) impl_->state->StopWriter();
+  absl::Status result;
+  if (impl_->state) {
+    impl_->state->Flush();
+    // What changed during the drain, and what failed before: this round decides.
+    const SaveReport r = impl_->SnapshotAll();
+    const int64_t not_saved = r.sessions - r.saved();
+    const std::string line = absl::StrFormat(
+        "drain: %d of %d sessions saved to %s, %d failed (%d written now, %d unchanged since "
+        "their last save, %d still generating)",
+        r.saved(), r.sessions, impl_->state->dir(), not_saved, r.written, r.unchanged, r.busy);
+    if (not_saved == 0) {
+      spdlog::info("{}", line);
+    } else {
+      spdlog::error("{}", line);
+      result = absl::DataLossError(line);
+    }
+    impl_->state->StopWriter();
+  }
   health->Shutdown();
   if (impl_->http) {
     impl_->http->stop();
     if (impl_->http_thread.joinable()) impl_->http_thread.join();
   }
   impl_->engine.reset();
+  absl::MutexLock lock(&impl_->mu);
+  impl_->drain_result = result;
+  return result;
 }
 
 }  // namespace retnet::server

@@ -4,11 +4,14 @@
 // restores sessions from the state directory, and serves retnet.v1.RetNet plus
 // grpc.health.v1 (NOT_SERVING while loading and draining) and server reflection.
 //
-// Restart without loss: Drain() reports NOT_SERVING, refuses new work (UNAVAILABLE), lets
-// running generations finish until the grace deadline, snapshots every session to the state
-// directory and only then stops the gRPC server (so a gateway that moves the session to another
-// replica finds the snapshot there); Start() restores them. A periodic snapshot (every
-// `snapshot_interval`) bounds what a crash can lose; files are written atomically.
+// Restart without loss: Drain() reports NOT_SERVING, refuses new work (new turns, new, forked
+// and imported sessions: UNAVAILABLE; other calls are still answered), snapshots the idle
+// sessions, closes the port, lets running calls finish until the grace deadline (cancelling the
+// rest), then snapshots every session that changed and stops; it fails when a session could not
+// be saved. Start() restores them. Periodic rounds start every `snapshot_interval` (a fixed
+// cadence, start to start) and write only the sessions changed since their last save, which
+// bounds what a crash can lose to one interval plus one round's writes; files are written
+// atomically (server/state_dir.h).
 //
 // Replicas: several servers may share one state directory (`state_dir_shared`). A request for a
 // session this server does not hold restores it from the directory when a snapshot is there;
@@ -24,6 +27,7 @@
 #include <memory>
 #include <string>
 
+#include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 
@@ -63,9 +67,12 @@ class Server {
   int port() const;
   int metrics_port() const;      // 0 when metrics are off
   std::string Describe() const;  // the startup line: model, device, capacity, address
-  // Graceful stop; see the file comment. Idempotent.
-  void Drain(absl::Duration grace);
-  // Snapshots every idle session to the state directory now; returns how many were written.
+  // Graceful stop; see the file comment. Idempotent (a repeated call returns the first one's
+  // outcome). DATA_LOSS ("drain: N of M sessions saved, K failed") when the final snapshot
+  // round could not save every session (the previous file of each of those is kept).
+  absl::Status Drain(absl::Duration grace);
+  // Snapshots every idle session changed since its last save to the state directory now;
+  // returns how many were written.
   int64_t SnapshotAll();
 
   struct Impl;

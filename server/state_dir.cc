@@ -2,6 +2,7 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <spdlog/spdlog.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -11,18 +12,26 @@
 #include <cstring>
 #include <ctime>
 #include <fstream>
+#include <limits>
 #include <random>
 #include <set>
 #include <sstream>
 #include <vector>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "engine/snapshot.h"
 
 namespace retnet::server {
 namespace {
 
 constexpr char kSuffix[] = ".snap";
 constexpr size_t kSuffixLen = sizeof(kSuffix) - 1;
+constexpr char kTmpPrefix[] = ".tmp.";
+// Temporary files of another node (or of an older naming) are removed only when this old: a
+// write in progress is younger by far.
+constexpr time_t kForeignTmpAge = 3600;
 
 bool HexDecode(const std::string& s, std::string* out) {
   if (s.size() % 2 != 0) return false;
@@ -53,39 +62,109 @@ std::vector<std::string> ListSnapshots(const std::string& dir) {
   return names;
 }
 
-// Written to a short temporary name of its own (replicas may share the directory; snapshot names
-// can be long), flushed to stable storage, then renamed over the snapshot.
-absl::Status WriteFileAtomically(const std::string& dir, const std::string& path,
-                                 const std::string& data, const std::string& tag, int64_t counter) {
-  const std::string tmp = absl::StrCat(dir, "/.tmp.", tag, ".", counter);
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) return absl::InternalError(absl::StrCat(tmp, ": ", std::strerror(errno)));
+std::string ErrnoText(int e) { return std::strerror(e != 0 ? e : EIO); }
+
+// Writes `data` to `tmp`, flushes it to stable storage and renames it over `path`; then fsyncs
+// the directory so that the rename survives a power loss. On any failure before the rename only
+// `tmp` is removed: `path` is left exactly as it was. The message names the failing step.
+absl::Status WriteFileAtomically(const std::string& dir, const std::string& tmp,
+                                 const std::string& path, const std::string& data) {
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+  if (fd < 0) return absl::InternalError(absl::StrCat("create: ", ErrnoText(errno)));
+  std::string failed;
   size_t off = 0;
-  bool ok = true;
-  while (ok && off < data.size()) {
+  while (failed.empty() && off < data.size()) {
     const ssize_t n = ::write(fd, data.data() + off, data.size() - off);
     if (n < 0 && errno == EINTR) continue;
-    ok = n > 0;
-    if (ok) off += static_cast<size_t>(n);
+    if (n <= 0) {
+      failed = absl::StrCat("write: ", ErrnoText(n < 0 ? errno : ENOSPC));
+    } else {
+      off += static_cast<size_t>(n);
+    }
   }
-  const int saved_errno = errno;
-  ok = ok && ::fsync(fd) == 0;
+  if (failed.empty() && ::fsync(fd) != 0) failed = absl::StrCat("fsync: ", ErrnoText(errno));
   // close() reports deferred write errors on network filesystems (ENOSPC, EDQUOT).
-  ok = ::close(fd) == 0 && ok;
-  if (!ok) {
-    const std::string why = std::strerror(errno != 0 ? errno : saved_errno);
-    std::remove(tmp.c_str());
-    return absl::InternalError(absl::StrCat(tmp, ": write failed: ", why));
+  if (::close(fd) != 0 && failed.empty()) failed = absl::StrCat("close: ", ErrnoText(errno));
+  if (failed.empty() && std::rename(tmp.c_str(), path.c_str()) != 0) {
+    failed = absl::StrCat("rename: ", ErrnoText(errno));
   }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-    const std::string why = std::strerror(errno);
-    std::remove(tmp.c_str());
-    return absl::InternalError(absl::StrCat(path, ": rename failed: ", why));
+  if (!failed.empty()) {
+    ::unlink(tmp.c_str());
+    return absl::InternalError(failed);
   }
+  // The new file is in place (and visible to other replicas) from here on, so a failure to
+  // flush the directory is reported but does not fail the save.
+  const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd < 0 || ::fsync(dfd) != 0) {
+    spdlog::warn("state dir {}: fsync of the directory failed: {}", dir, ErrnoText(errno));
+  }
+  if (dfd >= 0) ::close(dfd);
   return absl::OkStatus();
 }
 
+// `mkdir -p`: every missing component of `dir`.
+int MakeDirs(const std::string& dir) {
+  for (size_t i = 1; i <= dir.size(); ++i) {
+    if (i < dir.size() && dir[i] != '/') continue;
+    const std::string part = dir.substr(0, i);
+    if (::mkdir(part.c_str(), 0755) != 0 && errno != EEXIST) return errno;
+  }
+  return 0;
+}
+
+// Whether `pid` is certainly not a running process (kill() would reach it otherwise, or it
+// belongs to another user: EPERM means it exists).
+bool ProcessGone(int64_t pid) {
+  if (pid <= 0 || pid > std::numeric_limits<pid_t>::max()) return false;
+  return ::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH;
+}
+
+// Removes the temporary files crashed writers left in `dir` (see the header).
+void RemoveStaleTemporaries(const std::string& dir) {
+  DIR* d = ::opendir(dir.c_str());
+  if (d == nullptr) return;
+  const time_t cutoff = ::time(nullptr) - kForeignTmpAge;
+  int64_t removed = 0;
+  while (dirent* e = ::readdir(d)) {
+    const std::string name = e->d_name;
+    if (name.rfind(kTmpPrefix, 0) != 0) continue;
+    const std::string path = dir + "/" + name;
+    bool stale = false;
+    // .tmp.<node>.<pid>.<n>
+    std::vector<std::string> parts = absl::StrSplit(name.substr(sizeof(kTmpPrefix) - 1), '.');
+    int64_t pid = 0;
+    if (parts.size() == 3 && parts[0] == NodeTag() && absl::SimpleAtoi(parts[1], &pid)) {
+      stale = pid == ::getpid() || ProcessGone(pid);
+    }
+    struct stat st;
+    if (!stale && ::lstat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode) && st.st_mtime < cutoff) {
+      stale = true;
+    }
+    if (stale && ::unlink(path.c_str()) == 0) ++removed;
+  }
+  ::closedir(d);
+  if (removed > 0) spdlog::info("state dir {}: removed {} temporary files left by crashed writers", dir, removed);
+}
+
 }  // namespace
+
+const std::string& NodeTag() {
+  static const std::string* const tag = [] {
+    std::string boot;
+    std::ifstream("/proc/sys/kernel/random/boot_id") >> boot;
+    char ns[256];
+    const ssize_t n = ::readlink("/proc/self/ns/pid", ns, sizeof(ns));
+    uint64_t hash = 0;
+    if (!boot.empty() && n > 0) {
+      hash = engine::Fnv1a(absl::StrCat(boot, "/", std::string(ns, static_cast<size_t>(n))));
+    } else {  // no way to tell which pids are ours: never match another process's files
+      std::random_device rd;
+      hash = (static_cast<uint64_t>(rd()) << 32) ^ rd();
+    }
+    return new std::string(absl::StrCat(absl::Hex(hash, absl::kZeroPad16)));
+  }();
+  return *tag;
+}
 
 absl::StatusOr<std::string> ReadFileToString(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
@@ -105,38 +184,40 @@ std::string SnapshotFileName(const std::string& session_id) {
   return out + kSuffix;
 }
 
+absl::Status StateDirectory::Prepare(const std::string& dir) {
+  auto bad = [&dir](const std::string& why) {
+    return absl::InvalidArgumentError(absl::StrCat("state dir ", dir, ": ", why));
+  };
+  if (dir.empty()) return bad("empty path");
+  if (const int e = MakeDirs(dir); e != 0) return bad(absl::StrCat("cannot create: ", ErrnoText(e)));
+  struct stat st;
+  if (::stat(dir.c_str(), &st) != 0) return bad(ErrnoText(errno));
+  if (!S_ISDIR(st.st_mode)) return bad("not a directory");
+  DIR* d = ::opendir(dir.c_str());
+  if (d == nullptr) return bad(absl::StrCat("cannot list: ", ErrnoText(errno)));
+  ::closedir(d);
+  // Permission bits do not tell (root, read-only mounts, ACLs): create and remove a file.
+  const std::string probe = absl::StrCat(dir, "/", kTmpPrefix, NodeTag(), ".", ::getpid(), ".0");
+  const int fd = ::open(probe.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) return bad(absl::StrCat("not writable: ", ErrnoText(errno)));
+  ::close(fd);
+  if (::unlink(probe.c_str()) != 0) return bad(absl::StrCat("cannot remove files: ", ErrnoText(errno)));
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::unique_ptr<StateDirectory>> StateDirectory::Open(std::string dir, bool shared,
                                                                      engine::Engine* engine) {
-  if (::mkdir(dir.c_str(), 0755) != 0 && errno != EEXIST) {
-    return absl::InvalidArgumentError(absl::StrCat("state dir ", dir, ": ", std::strerror(errno)));
-  }
-  // Temporary files a crash left behind (an hour old: another replica's write in progress is
-  // younger by far).
-  if (DIR* d = ::opendir(dir.c_str())) {
-    const time_t cutoff = ::time(nullptr) - 3600;
-    while (dirent* e = ::readdir(d)) {
-      const std::string name = e->d_name;
-      struct stat st;
-      const std::string path = dir + "/" + name;
-      if (name.rfind(".tmp.", 0) == 0 && ::stat(path.c_str(), &st) == 0 && st.st_mtime < cutoff) {
-        std::remove(path.c_str());
-      }
-    }
-    ::closedir(d);
-  }
+  absl::Status ready = Prepare(dir);
+  if (!ready.ok()) return ready;
+  RemoveStaleTemporaries(dir);
   return std::unique_ptr<StateDirectory>(new StateDirectory(std::move(dir), shared, engine));
 }
 
-namespace {
-// Tells this process's temporary files from other replicas' (containers all run as pid 1).
-std::string ProcessTag() {
-  std::random_device rd;
-  return absl::StrCat(::getpid(), "-", absl::Hex(rd(), absl::kZeroPad8));
-}
-}  // namespace
-
 StateDirectory::StateDirectory(std::string dir, bool shared, engine::Engine* engine)
-    : dir_(std::move(dir)), shared_(shared), engine_(engine), tmp_tag_(ProcessTag()) {
+    : dir_(std::move(dir)),
+      shared_(shared),
+      engine_(engine),
+      tmp_prefix_(absl::StrCat(dir_, "/", kTmpPrefix, NodeTag(), ".", ::getpid(), ".")) {
   writer_ = std::thread([this] { WriterLoop(); });
 }
 
@@ -184,19 +265,57 @@ absl::Status StateDirectory::LoadLocked(const std::string& id) {
         code, absl::StrCat("session_id: the stored snapshot ", name, " cannot be restored (",
                            info.status().message(), "); delete the session to start it over"));
   }
-  owned_[name] = *stamp;
+  owned_[name] = Saved{*stamp, Version::Of(*info)};
+  failing_.erase(name);
   spdlog::info("restored session {} from {} (position {})", name, dir_, info->position);
   return absl::OkStatus();
 }
 
 absl::Status StateDirectory::SaveLocked(const std::string& id) {
+  // The version is read before the snapshot is taken: a turn that ends in between makes the
+  // file newer than the recorded version, so the next round writes it again (never the reverse).
+  auto info = engine_->GetSession(id);
+  if (!info.ok()) return info.status();
+  if (info->generating) {
+    return absl::FailedPreconditionError(absl::StrCat("session '", id, "' is generating"));
+  }
   auto snap = engine_->SnapshotSession(id);
   if (!snap.ok()) return snap.status();
   const std::string name = SnapshotFileName(id);
-  absl::Status s = WriteFileAtomically(dir_, Path(name), *snap, tmp_tag_, ++tmp_counter_);
-  if (!s.ok()) return s;
-  if (std::optional<Stamp> stamp = StatFile(name)) owned_[name] = *stamp;
+  const std::string tmp = absl::StrCat(tmp_prefix_, ++tmp_counter_);
+  absl::Status s = WriteFileAtomically(dir_, tmp, Path(name), *snap);
+  if (!s.ok()) return absl::InternalError(absl::StrCat("writing ", name, ": ", s.message()));
+  if (std::optional<Stamp> stamp = StatFile(name)) {
+    owned_[name] = Saved{*stamp, Version::Of(*info)};
+  } else {
+    owned_.erase(name);  // renamed, then removed at once (another replica's delete)
+  }
+  if (failing_.erase(name) > 0) spdlog::info("state dir: {} saved again", name);
   return absl::OkStatus();
+}
+
+bool StateDirectory::RollBackLocked(const std::string& id) {
+  const std::string name = SnapshotFileName(id);
+  absl::Status deleted = engine_->DeleteSession(id);
+  if (!deleted.ok() && !absl::IsNotFound(deleted)) return false;  // generating again
+  owned_.erase(name);
+  absl::Status loaded = LoadLocked(id);
+  if (absl::IsNotFound(loaded)) {
+    spdlog::warn("state dir: {} had no saved state; the session is removed", name);
+  } else if (!loaded.ok()) {
+    // Not held here now; its next use restores the file (Sync).
+    spdlog::warn("state dir: rolling {} back: {}", name, std::string(loaded.message()));
+  }
+  return true;
+}
+
+void StateDirectory::NoteFailureLocked(const std::string& name, const absl::Status& s) {
+  std::string why(s.message());
+  auto it = failing_.find(name);
+  if (it != failing_.end() && it->second == why) return;
+  spdlog::error("state dir {}: snapshot of {} failed (its previous file is kept): {}", dir_, name,
+                why);
+  failing_[name] = std::move(why);
 }
 
 bool StateDirectory::ChangedElsewhereLocked(const std::string& name) const {
@@ -204,7 +323,7 @@ bool StateDirectory::ChangedElsewhereLocked(const std::string& name) const {
   auto it = owned_.find(name);
   if (it == owned_.end()) return false;  // never written or read here: nothing to compare
   const std::optional<Stamp> now = StatFile(name);
-  return !now || !(*now == it->second);
+  return !now || !(*now == it->second.stamp);
 }
 
 int64_t StateDirectory::RestoreAll() {
@@ -220,29 +339,45 @@ int64_t StateDirectory::RestoreAll() {
   return restored;
 }
 
-int64_t StateDirectory::SaveAll() {
+SaveReport StateDirectory::SaveAll() {
   absl::MutexLock lock(&mu_);
-  int64_t written = 0;
+  SaveReport report;
   std::set<std::string> present;
   for (const auto& info : engine_->ListSessions()) {
     const std::string name = SnapshotFileName(info.id);
     present.insert(name);
-    if (info.generating) continue;  // its previous file (if any) stays until the next round
-    // Shared: every change is written through, so only sessions never saved here need it
-    // (rewriting the others could only put an older copy over another replica's newer one).
-    if (shared_ && owned_.count(name) > 0) continue;
+    ++report.sessions;
+    if (info.generating) {
+      ++report.busy;  // its previous file (if any) stays until a round after its turn
+      continue;
+    }
+    auto it = owned_.find(name);
+    if (it != owned_.end() && it->second.version == Version::Of(info)) {
+      // As on disk. (Shared: if another replica wrote it since, its file is newer still; the
+      // next call here replaces this copy, see Sync.)
+      ++report.unchanged;
+      continue;
+    }
     if (ChangedElsewhereLocked(name)) {
       // Another replica has served this session since: our copy is stale. Drop it rather
       // than overwrite the newer file.
       (void)engine_->DeleteSession(info.id);
       owned_.erase(name);
+      --report.sessions;
       continue;
     }
     absl::Status s = SaveLocked(info.id);
+    if (absl::IsNotFound(s)) {  // deleted meanwhile
+      --report.sessions;
+      continue;
+    }
     if (s.ok()) {
-      ++written;
-    } else if (!absl::IsNotFound(s) && !absl::IsFailedPrecondition(s) && !absl::IsDataLoss(s)) {
-      spdlog::error("snapshot of a session failed: {}", std::string(s.message()));
+      ++report.written;
+    } else if (absl::IsFailedPrecondition(s)) {
+      ++report.busy;  // a turn started meanwhile
+    } else {
+      ++report.failed;
+      NoteFailureLocked(name, s);
     }
   }
   // This server's sessions that are gone (expired or deleted): their files go too, unless
@@ -250,12 +385,16 @@ int64_t StateDirectory::SaveAll() {
   for (auto it = owned_.begin(); it != owned_.end();) {
     if (present.count(it->first) == 0) {
       if (!ChangedElsewhereLocked(it->first)) std::remove(Path(it->first).c_str());
+      failing_.erase(it->first);
       it = owned_.erase(it);
     } else {
       ++it;
     }
   }
-  return written;
+  for (auto it = failing_.begin(); it != failing_.end();) {
+    it = present.count(it->first) == 0 ? failing_.erase(it) : std::next(it);
+  }
+  return report;
 }
 
 absl::Status StateDirectory::Sync(const std::string& id) {
@@ -286,6 +425,7 @@ bool StateDirectory::Forget(const std::string& id) {
   absl::MutexLock lock(&mu_);
   const std::string name = SnapshotFileName(id);
   owned_.erase(name);
+  failing_.erase(name);
   return std::remove(Path(name).c_str()) == 0;
 }
 
@@ -322,13 +462,16 @@ void StateDirectory::WriterLoop() {
       // NOT_FOUND: deleted meanwhile; FAILED_PRECONDITION: its next turn already started and
       // will save it when it ends.
       if (!s.ok() && !absl::IsNotFound(s) && !absl::IsFailedPrecondition(s)) {
-        // The file would be a turn behind: remove it rather than let a replica resume from it.
-        // The session stays here; the next periodic round saves it again (it has no stamp).
+        // The file still holds the last acknowledged state: put the session back to it, so
+        // that the caller's error means "this did not happen" here and on every replica.
         const std::string name = SnapshotFileName(job.first);
-        std::remove(Path(name).c_str());
-        owned_.erase(name);
-        spdlog::error("write-through save of {} failed: {}", name, std::string(s.message()));
-        saved = s;
+        const bool rolled_back = RollBackLocked(job.first);
+        spdlog::error("write-through save of {} failed ({}): {}", name,
+                      rolled_back ? "rolled back to its previous file" : "not rolled back: busy",
+                      std::string(s.message()));
+        saved = absl::UnavailableError(
+            absl::StrCat("not saved to the state directory: ", s.message(),
+                         rolled_back ? "; the session is back at its last saved state" : ""));
       }
     }
     job.second(saved);

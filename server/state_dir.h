@@ -1,23 +1,48 @@
 // File: server/state_dir.h
 //
-// The state directory: one snapshot file per session (`<hex of the session id>.snap`, written
-// atomically), so sessions survive restarts and can move between replicas that share the
-// directory.
+// The state directory: one snapshot file per session (`<hex of the session id>.snap`), so
+// sessions survive restarts and can move between replicas that share the directory.
 //
-// Alone (shared = false) the server restores every file at start and saves every session on
-// drain and periodically. Shared by replicas (shared = true):
+// Writes. A snapshot is written to a temporary file in the same directory
+// (`.tmp.<node>.<pid>.<n>`, see below), flushed with fsync, renamed over the session's file and
+// the directory is fsynced. A write that fails at any step removes only its temporary file: the
+// session's previous file and the stamp recorded for it stay exactly as they were, so a failed
+// write never destroys the last good snapshot.
+//
+// What is written. The directory remembers, per session it wrote or read, the file's stamp
+// (mtime, size, inode) and the session's version at that moment (created and last-used times,
+// position, pending token: every turn's end and every creation, fork, import or restore changes
+// it). A periodic round (SaveAll) writes only the sessions whose version differs from their last
+// save, so unchanged sessions cost nothing and a round is short.
+//
+// Alone (shared = false) the server restores every file at start and saves sessions on drain
+// and periodically. A failed periodic or drain write leaves the session as it is in memory and
+// still different from its file, so the next round retries it; SaveAll counts the failures.
+//
+// Shared by replicas (shared = true):
 //  - a session is restored where it is next used (Sync), not at start;
 //  - every turn is saved before its end is sent (write-through, on the writer thread), so the
-//    file is always the session's latest state when a gateway moves it;
-//  - a replica remembers the file it last wrote or read for each session (mtime, size, inode);
-//    when another replica has saved that session since, the local copy is stale and is replaced
-//    by the file (or dropped, when the file was deleted);
+//    file is always the session's latest acknowledged state when a gateway moves it;
+//  - a failed write-through is an error for its caller (UNAVAILABLE, "not saved to the state
+//    directory: <reason>"), and the session is rolled back: the engine's copy is replaced by the
+//    previous good file (or removed, when it never had one), so this replica and any other one
+//    continue from the same, last acknowledged, state. If the session's next turn has already
+//    started by then it cannot be rolled back; that turn's own save decides;
+//  - a replica remembers the file it last wrote or read for each session; when another replica
+//    has saved that session since, the local copy is stale and is replaced by the file (or
+//    dropped, when the file was deleted);
 //  - a session created by a fork, an import or CreateSession is saved before the reply;
-//  - the periodic round saves only sessions never saved (a failed write-through removes the
-//    file and the stamp, so it is saved again), and removes files of sessions it held that are
-//    gone, unless another replica wrote them since.
+//  - the periodic round saves only sessions that differ from their last save (never saved, or a
+//    rollback that could not happen), never over a file another replica wrote since, and
+//    removes files of sessions it held that are gone, unless another replica wrote them since.
 // One session must be served by one replica at a time; the directory does not arbitrate two
 // replicas continuing the same session at once.
+//
+// Temporary files. Their names carry the writer's node (a hash of the kernel's boot id and the
+// writer's pid namespace, so that a pid means the same process) and pid. Open() removes those
+// of this node whose process is gone (or that carry this process's own pid: nothing is written
+// yet) and, whatever their name, those older than an hour (other nodes' leftovers); a live
+// replica's temporary files on this node are kept.
 //
 // Threading: every method is thread-safe; Persist() returns at once and calls `done` from the
 // writer thread. The engine must outlive this object, and StopWriter() must run before it goes.
@@ -28,6 +53,7 @@
 #include <deque>
 #include <functional>
 #include <map>
+#include <memory>
 #include <optional>
 #include <string>
 #include <thread>
@@ -36,6 +62,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "engine/engine.h"
 #include "server/service.h"
 
@@ -43,18 +70,33 @@ namespace retnet::server {
 
 absl::StatusOr<std::string> ReadFileToString(const std::string& path);
 
+// The outcome of one SaveAll() round, over the sessions this server holds (sessions superseded
+// by another replica's newer file, and sessions deleted meanwhile, are not counted).
+struct SaveReport {
+  int64_t sessions = 0;   // = written + unchanged + busy + failed
+  int64_t written = 0;    // written by this round
+  int64_t unchanged = 0;  // already on disk as they are
+  int64_t busy = 0;       // generating: written by a round after their turn ends
+  int64_t failed = 0;     // could not be written; their previous file (if any) is kept
+  int64_t saved() const { return written + unchanged; }
+};
+
 class StateDirectory final : public SessionStore {
  public:
-  // Creates `dir` if needed.
+  // Creates `dir` (and its parents) if needed and checks that it is a directory this process
+  // can list and write (by creating and removing a probe file). INVALID_ARGUMENT otherwise, with
+  // one line naming the path and the reason.
+  static absl::Status Prepare(const std::string& dir);
+  // Prepare(), then removes the temporary files that crashed writers left (see above).
   static absl::StatusOr<std::unique_ptr<StateDirectory>> Open(std::string dir, bool shared,
                                                               engine::Engine* engine);
   ~StateDirectory() override;
 
   // At start (not shared): restores every readable snapshot; unreadable ones are kept on disk.
   int64_t RestoreAll();
-  // Saves every idle session; removes the files of this server's sessions that are gone.
-  // Returns how many were written.
-  int64_t SaveAll();
+  // Writes every idle session that changed since its last save; removes the files of this
+  // server's sessions that are gone. A failure is logged once per session and reason.
+  SaveReport SaveAll();
   // Waits until every queued save is done (their `done` callbacks included).
   void Flush();
   // Finishes the queued saves and stops the writer thread. Idempotent.
@@ -75,14 +117,39 @@ class StateDirectory final : public SessionStore {
       return mtime_ns == o.mtime_ns && size == o.size && inode == o.inode;
     }
   };
+  // What the engine reports about a session that changes whenever its snapshot would.
+  struct Version {
+    absl::Time created, last_used;
+    int64_t position = 0;
+    std::optional<int64_t> pending_token;
+    static Version Of(const engine::SessionInfo& info) {
+      return {info.created, info.last_used, info.position, info.pending_token};
+    }
+    bool operator==(const Version& o) const {
+      return created == o.created && last_used == o.last_used && position == o.position &&
+             pending_token == o.pending_token;
+    }
+  };
+  // A file this server wrote or read, and the session as it was then.
+  struct Saved {
+    Stamp stamp;
+    Version version;
+  };
 
   StateDirectory(std::string dir, bool shared, engine::Engine* engine);
   std::string Path(const std::string& name) const { return dir_ + "/" + name; }
   std::optional<Stamp> StatFile(const std::string& name) const;
   // Restores session `id` from its file; records the file's stamp. NOT_FOUND: no file.
   absl::Status LoadLocked(const std::string& id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Snapshots session `id` into its file; records the new stamp.
+  // Snapshots session `id` into its file; records the new stamp and version. On failure the
+  // previous file and record are untouched. FAILED_PRECONDITION: generating.
   absl::Status SaveLocked(const std::string& id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // After a failed write-through: puts the engine's copy back to the file's state (or removes
+  // it when there is no file). False when it could not (the session is generating again).
+  bool RollBackLocked(const std::string& id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Logs a failed save of `name` unless the same failure was logged last time.
+  void NoteFailureLocked(const std::string& name, const absl::Status& s)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Shared: another replica saved or deleted `name` after we last wrote or read it.
   bool ChangedElsewhereLocked(const std::string& name) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void WriterLoop();
@@ -90,11 +157,13 @@ class StateDirectory final : public SessionStore {
   const std::string dir_;
   const bool shared_;
   engine::Engine* const engine_;
-  const std::string tmp_tag_;
+  const std::string tmp_prefix_;  // "<dir>/.tmp.<node>.<pid>."
 
   mutable absl::Mutex mu_;
-  // Files of the sessions this server held, with the stamp of its last write or read.
-  std::map<std::string, Stamp> owned_ ABSL_GUARDED_BY(mu_);
+  // Files of the sessions this server held, as of its last write or read of each.
+  std::map<std::string, Saved> owned_ ABSL_GUARDED_BY(mu_);
+  // Sessions whose last save failed, with the reason logged.
+  std::map<std::string, std::string> failing_ ABSL_GUARDED_BY(mu_);
   int64_t tmp_counter_ ABSL_GUARDED_BY(mu_) = 0;
 
   absl::Mutex queue_mu_;
@@ -106,6 +175,11 @@ class StateDirectory final : public SessionStore {
 
 // Session ids may hold '/' (key tags): file names use hex.
 std::string SnapshotFileName(const std::string& session_id);
+
+// This node's tag in temporary file names: 16 hex digits of FNV-1a 64 over
+// "<boot id>/<readlink /proc/self/ns/pid>" (processes with the same tag see each other's pids);
+// a random tag when /proc does not tell.
+const std::string& NodeTag();
 
 }  // namespace retnet::server
 
