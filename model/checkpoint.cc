@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/status_macros.h"
+#include "common/strings.h"
 #include "model/safetensors.h"
 #include "nlohmann/json.hpp"
 
@@ -29,12 +30,12 @@ bool IsDir(const std::string& path) {
   return ::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
 }
 
+// config.json and the shard index are small; anything larger is not one.
+constexpr uint64_t kMaxJsonBytes = 16ull << 20;
+
 absl::StatusOr<json> ReadJson(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) return absl::NotFoundError(absl::StrCat(path, ": no such file"));
-  std::stringstream text;
-  text << in.rdbuf();
-  json j = json::parse(text.str(), nullptr, /*allow_exceptions=*/false);
+  ASSIGN_OR_RETURN(std::string text, ReadRegularFile(path, kMaxJsonBytes));
+  json j = json::parse(text, nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded() || !j.is_object()) {
     return absl::InvalidArgumentError(absl::StrCat(path, ": not a valid JSON object"));
   }
@@ -89,6 +90,9 @@ class ConfigReader {
     if (name == "gelu") return Activation::kGelu;
     return absl::UnimplementedError(absl::StrCat(path_, ": field '", key, "' = '", name,
                                                  "': only swish/silu and gelu are supported"));
+  }
+  absl::Status Invalid(const std::string& key, const std::string& why) const {
+    return absl::InvalidArgumentError(absl::StrCat(path_, ": field '", key, "' ", why));
   }
   absl::Status Unsupported(const std::string& key, const std::string& what) const {
     return absl::UnimplementedError(
@@ -298,6 +302,7 @@ absl::StatusOr<Mapping> ParseFla(const ConfigReader& cfg, TensorSource& src) {
     ASSIGN_OR_RETURN(c.ffn_dim, cfg.Int("intermediate_size"));
   } else {
     ASSIGN_OR_RETURN(double ratio, cfg.Number("hidden_ratio", 2.0));
+    if (!(ratio > 0 && ratio <= 64)) return cfg.Invalid("hidden_ratio", "must be in (0, 64]");
     const int64_t raw = static_cast<int64_t>(c.hidden_size * ratio * 2.0 / 3.0);
     c.ffn_dim = 256 * ((raw + 255) / 256);
   }
@@ -403,7 +408,9 @@ absl::StatusOr<Mapping> ParseTorchscale(const ConfigReader& cfg, TensorSource& s
   c.group_norm_weight = false;
   if (v1) {
     c.group_norm = NormKind::kLayerNorm;
-    ASSIGN_OR_RETURN(c.group_norm_eps, cfg.Number("group_norm_eps", 1e-5));
+    // Upstream's MultiScaleRetention of that time (e.g. 0b1f113) builds its group norm with a
+    // hard-coded eps of 1e-6, whatever layernorm_eps says.
+    ASSIGN_OR_RETURN(c.group_norm_eps, cfg.Number("group_norm_eps", 1e-6));
   } else {
     c.group_norm = NormKind::kRmsNorm;
     ASSIGN_OR_RETURN(c.group_norm_eps, cfg.Number("group_norm_eps", eps));
@@ -538,7 +545,24 @@ absl::StatusOr<Mapping> ParseSeed(const ConfigReader& cfg, TensorSource& src) {
 
 }  // namespace
 
-absl::StatusOr<Checkpoint> ReadCheckpoint(const std::string& dir) {
+namespace {
+
+// Every exception (c10::Error, std::bad_alloc, nlohmann's type errors) becomes a status naming
+// `dir`: nothing a checkpoint holds may abort the process.
+template <typename Fn>
+auto NoThrow(const std::string& dir, Fn&& fn) -> decltype(fn()) {
+  try {
+    return fn();
+  } catch (const std::bad_alloc&) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat(dir, ": out of memory while loading the checkpoint"));
+  } catch (const std::exception& e) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(dir, ": cannot load the checkpoint: ", common::FirstLine(e.what())));
+  }
+}
+
+absl::StatusOr<Checkpoint> ReadCheckpointUnchecked(const std::string& dir) {
   if (!IsDir(dir))
     return absl::NotFoundError(absl::StrCat(dir, ": checkpoint directory not found"));
   const std::string config_path = dir + "/config.json";
@@ -591,14 +615,23 @@ absl::StatusOr<Checkpoint> ReadCheckpoint(const std::string& dir) {
   return ckpt;
 }
 
+}  // namespace
+
+absl::StatusOr<Checkpoint> ReadCheckpoint(const std::string& dir) {
+  return NoThrow(dir, [&] { return ReadCheckpointUnchecked(dir); });
+}
+
 absl::StatusOr<std::unique_ptr<RetNet>> LoadModel(const std::string& dir,
                                                   const ModelOptions& options) {
-  ASSIGN_OR_RETURN(Checkpoint ckpt, ReadCheckpoint(dir));
-  auto model = RetNet::Create(std::move(ckpt.config), std::move(ckpt.weights), options);
-  if (!model.ok()) {
-    return absl::Status(model.status().code(), absl::StrCat(dir, ": ", model.status().message()));
-  }
-  return model;
+  return NoThrow(dir, [&]() -> absl::StatusOr<std::unique_ptr<RetNet>> {
+    ASSIGN_OR_RETURN(Checkpoint ckpt, ReadCheckpointUnchecked(dir));
+    auto model = RetNet::Create(std::move(ckpt.config), std::move(ckpt.weights), options);
+    if (!model.ok()) {
+      return absl::Status(model.status().code(),
+                          absl::StrCat(dir, ": ", model.status().message()));
+    }
+    return model;
+  });
 }
 
 }  // namespace retnet::model

@@ -2,6 +2,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "common/status_macros.h"
 
 namespace retnet::model {
 
@@ -37,9 +38,26 @@ absl::Status ModelConfig::Validate() const {
   auto bad = [](const std::string& field, const std::string& why) {
     return absl::InvalidArgumentError(absl::StrCat("config field ", field, ": ", why));
   };
-  if (num_layers <= 0) return bad("num_layers", "must be positive");
-  if (hidden_size <= 0) return bad("hidden_size", "must be positive");
-  if (num_heads <= 0) return bad("num_heads", "must be positive");
+  // Sanity bounds, far above any published RetNet, so that no size read from a config can
+  // drive an allocation before the tensors confirm it.
+  auto bounded = [&](const char* field, int64_t v, int64_t max) -> absl::Status {
+    if (v <= 0) return bad(field, absl::StrCat(v, " must be positive"));
+    if (v > max) return bad(field, absl::StrCat(v, " exceeds the limit of ", max));
+    return absl::OkStatus();
+  };
+  RETURN_IF_ERROR(bounded("num_layers", num_layers, kMaxLayers));
+  RETURN_IF_ERROR(bounded("hidden_size", hidden_size, kMaxWidth));
+  RETURN_IF_ERROR(bounded("num_heads", num_heads, kMaxHeads));
+  RETURN_IF_ERROR(bounded("key_dim", key_dim, kMaxWidth));
+  RETURN_IF_ERROR(bounded("value_dim", value_dim, 4 * kMaxWidth));
+  if (vocab_size > kMaxVocab) {
+    return bad("vocab_size", absl::StrCat(vocab_size, " exceeds the limit of ", kMaxVocab));
+  }
+  if (ffn == FfnKind::kSeedMlp) {
+    for (int64_t d : ffn_dims) RETURN_IF_ERROR(bounded("ffn_dims", d, kMaxFfnWidth));
+  } else {
+    RETURN_IF_ERROR(bounded("ffn_dim", ffn_dim, kMaxFfnWidth));
+  }
   if (key_dim <= 0 || key_dim % num_heads != 0) {
     return bad("key_dim",
                absl::StrCat(key_dim, " is not a positive multiple of num_heads=", num_heads));

@@ -39,6 +39,13 @@ const char* FamilyName(Family f);
 const char* ActivationName(Activation a);
 const char* FfnKindName(FfnKind k);
 
+// Limits ModelConfig::Validate() enforces.
+inline constexpr int64_t kMaxLayers = 1024;
+inline constexpr int64_t kMaxWidth = 1 << 16;
+inline constexpr int64_t kMaxHeads = 1024;
+inline constexpr int64_t kMaxFfnWidth = 1 << 20;
+inline constexpr int64_t kMaxVocab = 1 << 24;
+
 struct ModelConfig {
   Family family = Family::kFla;
   std::string layout;  // human-readable variant, e.g. "fla", "torchscale-v1", "syncdoth"
@@ -89,6 +96,8 @@ struct ModelConfig {
   bool is_language_model() const { return vocab_size > 0; }
 
   // Checks dimensions and combinations; InvalidArgument naming the field otherwise.
+  // Also bounds every size: kMaxLayers, kMaxWidth (hidden, key; value 4x), kMaxHeads,
+  // kMaxFfnWidth, kMaxVocab.
   absl::Status Validate() const;
   // One line for logs: family, layout, dims, parameter count.
   std::string Summary() const;

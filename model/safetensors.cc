@@ -42,6 +42,56 @@ bool DtypeFromName(const std::string& name, at::ScalarType* type) {
 
 }  // namespace
 
+absl::Status CheckRegularFile(const std::string& path) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) {
+    if (errno == ENOENT) return absl::NotFoundError(absl::StrCat(path, ": no such file"));
+    return absl::InvalidArgumentError(absl::StrCat(path, ": ", std::strerror(errno)));
+  }
+  if (!S_ISREG(st.st_mode)) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": not a regular file"));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::string> ReadRegularFile(const std::string& path, uint64_t max_bytes) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+  if (fd < 0) {
+    if (errno == ENOENT) return absl::NotFoundError(absl::StrCat(path, ": no such file"));
+    return absl::InvalidArgumentError(absl::StrCat(path, ": cannot open: ", std::strerror(errno)));
+  }
+  struct stat st {};
+  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    ::close(fd);
+    return absl::InvalidArgumentError(absl::StrCat(path, ": not a regular file"));
+  }
+  if (static_cast<uint64_t>(st.st_size) > max_bytes) {
+    ::close(fd);
+    return absl::InvalidArgumentError(
+        absl::StrCat(path, ": ", st.st_size, " bytes, more than the limit of ", max_bytes));
+  }
+  std::string data;
+  char buf[1 << 16];
+  while (true) {  // bounded: stops at max_bytes even if the file grows while being read
+    const ssize_t n = ::read(fd, buf, sizeof(buf));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      const int err = errno;
+      ::close(fd);
+      return absl::InvalidArgumentError(absl::StrCat(path, ": read failed: ", std::strerror(err)));
+    }
+    if (n == 0) break;
+    data.append(buf, static_cast<size_t>(n));
+    if (data.size() > max_bytes) {
+      ::close(fd);
+      return absl::InvalidArgumentError(
+          absl::StrCat(path, ": more than the limit of ", max_bytes, " bytes"));
+    }
+  }
+  ::close(fd);
+  return data;
+}
+
 std::string SafetensorsDtypeName(at::ScalarType type) {
   for (const auto& entry : kDtypes) {
     if (entry.type == type) return entry.name;
@@ -53,7 +103,8 @@ absl::StatusOr<std::shared_ptr<const SafetensorsFile>> SafetensorsFile::Open(
     const std::string& path) {
   std::shared_ptr<SafetensorsFile> file(new SafetensorsFile());
   file->path_ = path;
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  // O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused below).
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (fd < 0) {
     if (errno == ENOENT) return absl::NotFoundError(absl::StrCat(path, ": no such file"));
     return absl::InvalidArgumentError(absl::StrCat(path, ": cannot open: ", std::strerror(errno)));
@@ -141,7 +192,8 @@ absl::Status SafetensorsFile::Parse() {
         return tensor_bad("shape has a negative or non-integer dimension");
       }
       uint64_t d = dim.get<uint64_t>();
-      if (d != 0 && numel > std::numeric_limits<uint64_t>::max() / d) {
+      if (d > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()) ||
+          (d != 0 && numel > std::numeric_limits<uint64_t>::max() / d)) {
         return tensor_bad("shape overflows");
       }
       numel *= d;
@@ -169,16 +221,31 @@ absl::Status SafetensorsFile::Parse() {
     index_[name] = tensors_.size();
     tensors_.push_back(std::move(info));
   }
-  // No two tensors may share bytes.
+  // The tensors cover the data region exactly, as the format requires: no two share bytes and
+  // no byte belongs to none (a header length off by a few bytes shifts every tensor and leaves
+  // a hole at one end). Empty tensors take no bytes.
   std::vector<const TensorInfo*> sorted;
-  for (const auto& t : tensors_) sorted.push_back(&t);
+  for (const auto& t : tensors_) {
+    if (t.end > t.begin) sorted.push_back(&t);
+  }
   std::sort(sorted.begin(), sorted.end(),
             [](const TensorInfo* a, const TensorInfo* b) { return a->begin < b->begin; });
-  for (size_t i = 1; i < sorted.size(); ++i) {
-    if (sorted[i]->begin < sorted[i - 1]->end) {
+  uint64_t covered = 0;
+  for (size_t i = 0; i < sorted.size(); ++i) {
+    if (sorted[i]->begin < covered) {
       return bad(
           absl::StrCat("tensors '", sorted[i - 1]->name, "' and '", sorted[i]->name, "' overlap"));
     }
+    if (sorted[i]->begin > covered) {
+      return bad(absl::StrCat("bytes [", covered, ", ", sorted[i]->begin,
+                              ") of the data region belong to no tensor (before '",
+                              sorted[i]->name, "'): wrong header length or offsets"));
+    }
+    covered = sorted[i]->end;
+  }
+  if (covered != data_size_) {
+    return bad(absl::StrCat("the data region has ", data_size_, " bytes but the tensors cover ",
+                            covered, ": wrong header length, or trailing bytes"));
   }
   return absl::OkStatus();
 }

@@ -71,6 +71,14 @@ class SafetensorsFile : public std::enable_shared_from_this<SafetensorsFile> {
   std::map<std::string, std::string> metadata_;
 };
 
+// Reads a whole small file: refuses anything that is not a regular file (a FIFO, a device such as
+// /dev/zero, a directory; symlinks are followed) without blocking, and files over `max_bytes`.
+// Errors: NotFound (missing), InvalidArgument (not regular, too large, unreadable).
+absl::StatusOr<std::string> ReadRegularFile(const std::string& path, uint64_t max_bytes);
+
+// OK when `path` is a regular file (symlinks followed); else NotFound / InvalidArgument.
+absl::Status CheckRegularFile(const std::string& path);
+
 // The safetensors dtype name ("F32", "BF16", ...) of a scalar type; empty if unsupported.
 std::string SafetensorsDtypeName(at::ScalarType type);
 

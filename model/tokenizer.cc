@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "model/config.h"
+#include "model/safetensors.h"
 #include "model/sentencepiece_wrapper.h"
 
 namespace retnet::model {
@@ -100,6 +101,8 @@ std::unique_ptr<Tokenizer> MakeByteTokenizer(int64_t bos_id, int64_t eos_id) {
 }
 
 absl::StatusOr<std::unique_ptr<Tokenizer>> LoadSentencePieceTokenizer(const std::string& path) {
+  // A FIFO or a device would block or never end: only regular files are read.
+  if (absl::Status s = CheckRegularFile(path); !s.ok()) return s;
   std::string error;
   auto sp = internal::SentencePieceModel::Load(path, &error);
   if (sp == nullptr) {

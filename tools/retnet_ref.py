@@ -22,7 +22,8 @@ Families (detected from the tensor names, cross-checked with config.json):
                  RMSNorm(d_v, layernorm_eps) without affine) and "v1"
                  (Jul 2023: LayerNorm with bias, biases on projections,
                  fc1 -> act -> ffn_layernorm -> fc2, group norm LayerNorm(d_v)
-                 without affine, eps 1e-5).  v1 is recognised by the presence
+                 without affine, eps 1e-6: upstream's MultiScaleRetention
+                 hard-codes it, whatever layernorm_eps says).  v1 is recognised by the presence
                  of ``retention.q_proj.bias``.
 * ``seed``       myscience/retnet-pytorch (``layers.N.0.*``, ``layers.N.1.*``):
                  features in/out, LayerNorms eps 1e-5 with bias, biases on all
@@ -603,7 +604,7 @@ def _load_torchscale(cfg, w, prefix, dtype):
         m.d_k = L.q.out_features // h
         m.d_v = L.v.out_features // h
         if v1:
-            L.group_norm = Norm("ln", 1e-5)
+            L.group_norm = Norm("ln", 1e-6)  # hard-coded upstream (e.g. 0b1f113)
         else:
             L.group_norm = Norm("rms", eps)
         L.log_decay = log_decay
