@@ -14,6 +14,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "common/status_macros.h"
 #include "nlohmann/json.hpp"
 
 namespace retnet::model {
@@ -29,6 +30,27 @@ constexpr DtypeEntry kDtypes[] = {
     {"I64", at::kLong},   {"I32", at::kInt},   {"I16", at::kShort}, {"I8", at::kChar},
     {"U8", at::kByte},    {"BOOL", at::kBool},
 };
+
+struct RegularFile {
+  int fd = -1;  // the caller closes it
+  uint64_t size = 0;
+};
+
+// Opens `path` read-only if it is a regular file. O_NONBLOCK: opening a FIFO must not wait for a
+// writer (it is then refused as not regular).
+absl::StatusOr<RegularFile> OpenRegularFile(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+  if (fd < 0) {
+    if (errno == ENOENT) return absl::NotFoundError(absl::StrCat(path, ": no such file"));
+    return absl::InvalidArgumentError(absl::StrCat(path, ": cannot open: ", std::strerror(errno)));
+  }
+  struct stat st {};
+  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    ::close(fd);
+    return absl::InvalidArgumentError(absl::StrCat(path, ": not a regular file"));
+  }
+  return RegularFile{fd, static_cast<uint64_t>(st.st_size)};
+}
 
 bool DtypeFromName(const std::string& name, at::ScalarType* type) {
   for (const auto& entry : kDtypes) {
@@ -55,20 +77,12 @@ absl::Status CheckRegularFile(const std::string& path) {
 }
 
 absl::StatusOr<std::string> ReadRegularFile(const std::string& path, uint64_t max_bytes) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-  if (fd < 0) {
-    if (errno == ENOENT) return absl::NotFoundError(absl::StrCat(path, ": no such file"));
-    return absl::InvalidArgumentError(absl::StrCat(path, ": cannot open: ", std::strerror(errno)));
-  }
-  struct stat st {};
-  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-    ::close(fd);
-    return absl::InvalidArgumentError(absl::StrCat(path, ": not a regular file"));
-  }
-  if (static_cast<uint64_t>(st.st_size) > max_bytes) {
+  ASSIGN_OR_RETURN(RegularFile opened, OpenRegularFile(path));
+  const int fd = opened.fd;
+  if (opened.size > max_bytes) {
     ::close(fd);
     return absl::InvalidArgumentError(
-        absl::StrCat(path, ": ", st.st_size, " bytes, more than the limit of ", max_bytes));
+        absl::StrCat(path, ": ", opened.size, " bytes, more than the limit of ", max_bytes));
   }
   std::string data;
   char buf[1 << 16];
@@ -103,18 +117,9 @@ absl::StatusOr<std::shared_ptr<const SafetensorsFile>> SafetensorsFile::Open(
     const std::string& path) {
   std::shared_ptr<SafetensorsFile> file(new SafetensorsFile());
   file->path_ = path;
-  // O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused below).
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-  if (fd < 0) {
-    if (errno == ENOENT) return absl::NotFoundError(absl::StrCat(path, ": no such file"));
-    return absl::InvalidArgumentError(absl::StrCat(path, ": cannot open: ", std::strerror(errno)));
-  }
-  struct stat st {};
-  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-    ::close(fd);
-    return absl::InvalidArgumentError(absl::StrCat(path, ": not a regular file"));
-  }
-  file->map_size_ = static_cast<uint64_t>(st.st_size);
+  ASSIGN_OR_RETURN(RegularFile opened, OpenRegularFile(path));
+  const int fd = opened.fd;
+  file->map_size_ = opened.size;
   if (file->map_size_ > 0) {
     void* map = ::mmap(nullptr, file->map_size_, PROT_READ, MAP_PRIVATE, fd, 0);
     if (map == MAP_FAILED) {
