@@ -69,14 +69,21 @@ class Rogue:
         self.target = f"127.0.0.1:{self.port}"
 
     def _stream_bad(self, method, ctx):
+        # The event is recorded when the call terminates (gRPC may never resume this generator
+        # once the client has cancelled): "cancelled" unless the call ran to its Final.
         cancelled = threading.Event()
-        ctx.add_callback(cancelled.set)
+        state = {"t": time.monotonic(), "final": False}
+
+        def done():
+            cancelled.set()
+            with self.lock:
+                self.events.append((method, "ignored" if state["final"] else "cancelled",
+                                    time.monotonic() - state["t"]))
+
+        ctx.add_callback(done)
         yield self.bad_chunk
-        t0 = time.monotonic()
-        got = cancelled.wait(ROGUE_WAIT_S)
-        with self.lock:
-            self.events.append((method, "cancelled" if got else "ignored", time.monotonic() - t0))
-        if not got:
+        if not cancelled.wait(ROGUE_WAIT_S):
+            state["final"] = True
             yield self.final
 
     def _generate(self, request, ctx):
