@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <fstream>
+#include <limits>
 #include <set>
 #include <sstream>
 
@@ -20,9 +21,14 @@ namespace {
 
 using json = nlohmann::json;
 
-bool IsFile(const std::string& path) {
+// The seed MLP may list this many hidden widths at most (published models use one).
+constexpr size_t kMaxSeedMlpLinears = 16;
+
+// Whether a directory entry exists at all (a FIFO, a device or a dangling link too): such an
+// entry is then opened, and refused with an error naming it, rather than silently skipped.
+bool Exists(const std::string& path) {
   struct stat st {};
-  return ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode);
+  return ::lstat(path.c_str(), &st) == 0;
 }
 
 bool IsDir(const std::string& path) {
@@ -56,11 +62,47 @@ class ConfigReader {
       return absl::InvalidArgumentError(
           absl::StrCat(path_, ": field '", key, "' is missing or not an integer"));
     }
+    if (j_[key].is_number_unsigned() &&
+        j_[key].get<uint64_t>() > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          path_, ": field '", key, "' = ", j_[key].get<uint64_t>(), " is out of range"));
+    }
     return j_[key].get<int64_t>();
   }
   absl::StatusOr<int64_t> Int(const std::string& key, int64_t def) const {
     if (!Has(key)) return def;
     return Int(key);
+  }
+  // A size: an integer in [1, max] (a default, when given, is checked the same way), so that
+  // nothing derived from it can overflow or drive an allocation before the tensors confirm it.
+  absl::StatusOr<int64_t> Size(const std::string& key, int64_t max) const {
+    ASSIGN_OR_RETURN(int64_t v, Int(key));
+    return InRange(key, v, 1, max);
+  }
+  absl::StatusOr<int64_t> Size(const std::string& key, int64_t def, int64_t max) const {
+    ASSIGN_OR_RETURN(int64_t v, Int(key, def));
+    return InRange(key, v, 1, max);
+  }
+  absl::StatusOr<int64_t> InRange(const std::string& key, int64_t v, int64_t lo, int64_t hi) const {
+    if (v < lo || v > hi) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(path_, ": field '", key, "' = ", v, " is outside [", lo, ", ", hi, "]"));
+    }
+    return v;
+  }
+  // A token id: -1 (none) when absent.
+  absl::StatusOr<int64_t> TokenId(const std::string& key) const {
+    ASSIGN_OR_RETURN(int64_t v, Int(key, -1));
+    return InRange(key, v, -1, kMaxVocab - 1);
+  }
+  // A finite number in (0, max].
+  absl::StatusOr<double> Factor(const std::string& key, double def, double max) const {
+    ASSIGN_OR_RETURN(double v, Number(key, def));
+    if (!(v > 0 && v <= max)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(path_, ": field '", key, "' = ", v, " is outside (0, ", max, "]"));
+    }
+    return v;
   }
   absl::StatusOr<double> Number(const std::string& key, double def) const {
     if (!Has(key)) return def;
@@ -98,6 +140,12 @@ class ConfigReader {
     return absl::UnimplementedError(
         absl::StrCat(path_, ": unsupported variant: ", what, " (field '", key, "')"));
   }
+  // config.Validate() with the file named: the last check before any tensor is looked at.
+  absl::Status Check(const ModelConfig& config) const {
+    absl::Status s = config.Validate();
+    if (s.ok()) return s;
+    return absl::Status(s.code(), absl::StrCat(path_, ": ", s.message()));
+  }
   const json& raw() const { return j_; }
 
  private:
@@ -111,12 +159,12 @@ class TensorSource {
   absl::Status Open(const std::string& dir) {
     const std::string single = dir + "/model.safetensors";
     const std::string index = dir + "/model.safetensors.index.json";
-    if (IsFile(single)) {
+    if (Exists(single)) {
       ASSIGN_OR_RETURN(auto file, SafetensorsFile::Open(single));
       for (const auto& t : file->tensors()) owner_[t.name] = file;
       return absl::OkStatus();
     }
-    if (!IsFile(index)) {
+    if (!Exists(index)) {
       return absl::NotFoundError(
           absl::StrCat(dir, ": no model.safetensors or model.safetensors.index.json"));
     }
@@ -268,24 +316,24 @@ absl::StatusOr<Mapping> ParseFla(const ConfigReader& cfg, TensorSource& src) {
     return cfg.Unsupported("attnres_block_size", "attention residual blocks");
   ASSIGN_OR_RETURN(bool output_gate, cfg.Bool("use_output_gate", true));
   if (!output_gate) return cfg.Unsupported("use_output_gate", "retention without the output gate");
-  ASSIGN_OR_RETURN(c.hidden_size, cfg.Int("hidden_size"));
-  ASSIGN_OR_RETURN(c.num_layers, cfg.Int("num_hidden_layers"));
-  ASSIGN_OR_RETURN(c.num_heads, cfg.Int("num_heads"));
+  ASSIGN_OR_RETURN(c.hidden_size, cfg.Size("hidden_size", kMaxWidth));
+  ASSIGN_OR_RETURN(c.num_layers, cfg.Size("num_hidden_layers", kMaxLayers));
+  ASSIGN_OR_RETURN(c.num_heads, cfg.Size("num_heads", kMaxHeads));
   ASSIGN_OR_RETURN(int64_t kv_heads, cfg.Int("num_kv_heads", c.num_heads));
   if (kv_heads != c.num_heads)
     return cfg.Unsupported("num_kv_heads", "grouped-query retention (GQA)");
-  ASSIGN_OR_RETURN(double expand_k, cfg.Number("expand_k", 1.0));
-  ASSIGN_OR_RETURN(double expand_v, cfg.Number("expand_v", 2.0));
+  ASSIGN_OR_RETURN(double expand_k, cfg.Factor("expand_k", 1.0, 4.0));
+  ASSIGN_OR_RETURN(double expand_v, cfg.Factor("expand_v", 2.0, 4.0));
   c.key_dim = static_cast<int64_t>(c.hidden_size * expand_k);
   c.value_dim = static_cast<int64_t>(c.hidden_size * expand_v);
-  ASSIGN_OR_RETURN(c.vocab_size, cfg.Int("vocab_size"));
+  ASSIGN_OR_RETURN(c.vocab_size, cfg.Size("vocab_size", kMaxVocab));
   ASSIGN_OR_RETURN(double rms_eps, cfg.Number("rms_norm_eps", 1e-6));
   ASSIGN_OR_RETURN(double eps, cfg.Number("norm_eps", rms_eps));
   ASSIGN_OR_RETURN(Activation act, cfg.Act("hidden_act", "swish"));
   ASSIGN_OR_RETURN(c.tied_head, cfg.Bool("tie_word_embeddings", false));
   ASSIGN_OR_RETURN(bool affine, cfg.Bool("elementwise_affine", true));
-  ASSIGN_OR_RETURN(c.bos_token_id, cfg.Int("bos_token_id", -1));
-  ASSIGN_OR_RETURN(c.eos_token_id, cfg.Int("eos_token_id", -1));
+  ASSIGN_OR_RETURN(c.bos_token_id, cfg.TokenId("bos_token_id"));
+  ASSIGN_OR_RETURN(c.eos_token_id, cfg.TokenId("eos_token_id"));
   c.rotary = Rotary::kRotateHalf;
   c.scale_on = ScaleOn::kQuery;
   c.retention_norm = RetentionNorm::kRaw;
@@ -299,14 +347,13 @@ absl::StatusOr<Mapping> ParseFla(const ConfigReader& cfg, TensorSource& src) {
   c.ffn_act = act;
   c.final_norm = true;
   if (cfg.Has("intermediate_size")) {
-    ASSIGN_OR_RETURN(c.ffn_dim, cfg.Int("intermediate_size"));
+    ASSIGN_OR_RETURN(c.ffn_dim, cfg.Size("intermediate_size", kMaxFfnWidth));
   } else {
-    ASSIGN_OR_RETURN(double ratio, cfg.Number("hidden_ratio", 2.0));
-    if (!(ratio > 0 && ratio <= 64)) return cfg.Invalid("hidden_ratio", "must be in (0, 64]");
+    ASSIGN_OR_RETURN(double ratio, cfg.Factor("hidden_ratio", 2.0, 64.0));
     const int64_t raw = static_cast<int64_t>(c.hidden_size * ratio * 2.0 / 3.0);
     c.ffn_dim = 256 * ((raw + 255) / 256);
   }
-  RETURN_IF_ERROR(c.Validate());
+  RETURN_IF_ERROR(cfg.Check(c));
 
   m.names["embed.w"] = src.Has("model.embed_tokens.weight") && !src.Has("model.embeddings.weight")
                            ? "model.embed_tokens.weight"
@@ -335,8 +382,9 @@ absl::StatusOr<Mapping> ParseFla(const ConfigReader& cfg, TensorSource& src) {
       m.names[q + "ffn.lin.w"] = p + "mlp.up_proj.weight";
     }
     m.names[q + "ffn.out.w"] = p + "mlp.down_proj.weight";
-    m.buffers.push_back(DefaultBuffers(c));
   }
+  // One computed set shared by every layer (read-only), not one allocation per layer.
+  m.buffers.assign(c.num_layers, DefaultBuffers(c));
   return m;
 }
 
@@ -374,25 +422,26 @@ absl::StatusOr<Mapping> ParseTorchscale(const ConfigReader& cfg, TensorSource& s
                      ": unsupported variant: learned decay projection"));
   }
 
-  ASSIGN_OR_RETURN(c.hidden_size, cfg.Int("decoder_embed_dim"));
-  ASSIGN_OR_RETURN(c.num_layers, cfg.Int("decoder_layers"));
-  ASSIGN_OR_RETURN(c.num_heads, cfg.Int("decoder_retention_heads"));
+  ASSIGN_OR_RETURN(c.hidden_size, cfg.Size("decoder_embed_dim", kMaxWidth));
+  ASSIGN_OR_RETURN(c.num_layers, cfg.Size("decoder_layers", kMaxLayers));
+  ASSIGN_OR_RETURN(c.num_heads, cfg.Size("decoder_retention_heads", kMaxHeads));
   c.key_dim = c.hidden_size;
   const std::string v_name = l0 + "retention.v_proj.weight";
-  const int64_t v_rows = src.Has(v_name) ? src.ShapeOf(v_name)[0] : 2 * c.hidden_size;
-  ASSIGN_OR_RETURN(c.value_dim, cfg.Int("decoder_value_embed_dim", v_rows));
+  const int64_t v_rows =
+      src.Has(v_name) && !src.ShapeOf(v_name).empty() ? src.ShapeOf(v_name)[0] : 2 * c.hidden_size;
+  ASSIGN_OR_RETURN(c.value_dim, cfg.Size("decoder_value_embed_dim", v_rows, 4 * kMaxWidth));
   const std::string fc1 = l0 + "ffn.fc1.weight";
-  const int64_t f_rows = src.Has(fc1) ? src.ShapeOf(fc1)[0] : 0;
-  ASSIGN_OR_RETURN(c.ffn_dim, cfg.Int("decoder_ffn_embed_dim", f_rows));
-  ASSIGN_OR_RETURN(c.vocab_size, cfg.Int("vocab_size"));
+  const int64_t f_rows = src.Has(fc1) && !src.ShapeOf(fc1).empty() ? src.ShapeOf(fc1)[0] : 0;
+  ASSIGN_OR_RETURN(c.ffn_dim, cfg.Size("decoder_ffn_embed_dim", f_rows, kMaxFfnWidth));
+  ASSIGN_OR_RETURN(c.vocab_size, cfg.Size("vocab_size", kMaxVocab));
   ASSIGN_OR_RETURN(double eps, cfg.Number("layernorm_eps", 1e-6));
   ASSIGN_OR_RETURN(c.ffn_act, cfg.Act("activation_fn", "gelu"));
   ASSIGN_OR_RETURN(bool no_scale, cfg.Bool("no_scale_embedding", true));
   ASSIGN_OR_RETURN(c.embed_norm, cfg.Bool("layernorm_embedding", false));
   ASSIGN_OR_RETURN(bool shared, cfg.Bool("share_decoder_input_output_embed", false));
   ASSIGN_OR_RETURN(bool tied, cfg.Bool("tie_word_embeddings", shared));
-  ASSIGN_OR_RETURN(c.bos_token_id, cfg.Int("bos_token_id", -1));
-  ASSIGN_OR_RETURN(c.eos_token_id, cfg.Int("eos_token_id", -1));
+  ASSIGN_OR_RETURN(c.bos_token_id, cfg.TokenId("bos_token_id"));
+  ASSIGN_OR_RETURN(c.eos_token_id, cfg.TokenId("eos_token_id"));
   c.tied_head = tied;
   c.embed_scale = no_scale ? 1.0 : std::sqrt(static_cast<double>(c.hidden_size));
   c.rotary = Rotary::kInterleaved;
@@ -422,7 +471,7 @@ absl::StatusOr<Mapping> ParseTorchscale(const ConfigReader& cfg, TensorSource& s
     c.ffn_inner_norm = src.Has(l0 + "ffn.ffn_layernorm.weight");
   }
   c.ffn_bias = src.Has(l0 + "ffn.fc1.bias");
-  RETURN_IF_ERROR(c.Validate());
+  RETURN_IF_ERROR(cfg.Check(c));
 
   m.names["embed.w"] = prefix + "embed_tokens.weight";
   MapLinear(m, "embed_norm", prefix + "layernorm_embedding");
@@ -473,10 +522,10 @@ absl::StatusOr<Mapping> ParseSeed(const ConfigReader& cfg, TensorSource& src) {
   ModelConfig& c = m.config;
   c.family = Family::kSeed;
   c.layout = "seed";
-  ASSIGN_OR_RETURN(c.num_layers, cfg.Int("num_layer", 6));
-  ASSIGN_OR_RETURN(c.num_heads, cfg.Int("num_heads", 8));
-  ASSIGN_OR_RETURN(c.hidden_size, cfg.Int("dim_model", 512));
-  ASSIGN_OR_RETURN(int64_t value_factor, cfg.Int("value_factor", 2));
+  ASSIGN_OR_RETURN(c.num_layers, cfg.Size("num_layer", 6, kMaxLayers));
+  ASSIGN_OR_RETURN(c.num_heads, cfg.Size("num_heads", 8, kMaxHeads));
+  ASSIGN_OR_RETURN(c.hidden_size, cfg.Size("dim_model", 512, kMaxWidth));
+  ASSIGN_OR_RETURN(int64_t value_factor, cfg.Size("value_factor", 2, 16));
   ASSIGN_OR_RETURN(c.gate_act, cfg.Act("msr_gate_fn", "gelu"));
   ASSIGN_OR_RETURN(c.ffn_act, cfg.Act("mlp_gate_fn", "gelu"));
   ASSIGN_OR_RETURN(c.ffn_bias, cfg.Bool("mlp_bias", true));
@@ -489,17 +538,25 @@ absl::StatusOr<Mapping> ParseSeed(const ConfigReader& cfg, TensorSource& src) {
   if (!cfg.Has("mlp_mult")) {
     widths = {4};
   } else if (cfg.raw()["mlp_mult"].is_number_integer()) {
-    widths = {cfg.raw()["mlp_mult"].get<int64_t>()};
+    ASSIGN_OR_RETURN(int64_t width, cfg.Size("mlp_mult", kMaxFfnWidth));
+    widths = {width};
   } else if (cfg.raw()["mlp_mult"].is_array()) {
-    for (const auto& w : cfg.raw()["mlp_mult"]) {
-      if (!w.is_number_integer() || w.get<int64_t>() <= 0) {
-        return absl::InvalidArgumentError(
-            "config.json: field 'mlp_mult' must hold positive integers");
+    const json& list = cfg.raw()["mlp_mult"];
+    if (list.empty() || list.size() > kMaxSeedMlpLinears) {
+      return cfg.Invalid("mlp_mult", absl::StrCat("must list 1 to ", kMaxSeedMlpLinears,
+                                                  " hidden widths, not ", list.size()));
+    }
+    for (const auto& w : list) {
+      // Non-negative JSON integers parse as unsigned; anything else is not a width.
+      if (!w.is_number_unsigned() || w.get<uint64_t>() < 1 ||
+          w.get<uint64_t>() > static_cast<uint64_t>(kMaxFfnWidth)) {
+        return cfg.Invalid("mlp_mult",
+                           absl::StrCat("must hold integers in [1, ", kMaxFfnWidth, "]"));
       }
       widths.push_back(w.get<int64_t>());
     }
   } else {
-    return absl::InvalidArgumentError("config.json: field 'mlp_mult' must be an integer or a list");
+    return cfg.Invalid("mlp_mult", "must be an integer or a list");
   }
   widths.push_back(c.hidden_size);
   c.ffn_dims = widths;
@@ -517,7 +574,8 @@ absl::StatusOr<Mapping> ParseSeed(const ConfigReader& cfg, TensorSource& src) {
   c.proj_bias = true;
   c.final_norm = false;
   c.per_layer_buffers = true;
-  RETURN_IF_ERROR(c.Validate());
+  RETURN_IF_ERROR(cfg.Check(c));
+  const LayerBuffers defaults = DefaultBuffers(c);  // shared (read-only) unless a layer has its own
   for (int64_t i = 0; i < c.num_layers; ++i) {
     const std::string p = absl::StrCat("layers.", i, ".");
     MapLinear(m, p + "attn_norm", p + "0.pre_norm");
@@ -527,7 +585,7 @@ absl::StatusOr<Mapping> ParseSeed(const ConfigReader& cfg, TensorSource& src) {
     for (size_t j = 0; j < widths.size(); ++j) {
       MapLinear(m, absl::StrCat(p, "mlp.", j), absl::StrCat(p, "1.net.", j + 1, ".1"));
     }
-    LayerBuffers b = DefaultBuffers(c);
+    LayerBuffers b = defaults;
     const std::string decay = p + "0.decay", angle = p + "0.angle";
     if (src.Has(decay)) {
       ASSIGN_OR_RETURN(at::Tensor d, src.Get(decay, {c.num_heads}, "log decay per head"));
@@ -627,8 +685,7 @@ absl::StatusOr<std::unique_ptr<RetNet>> LoadModel(const std::string& dir,
     ASSIGN_OR_RETURN(Checkpoint ckpt, ReadCheckpointUnchecked(dir));
     auto model = RetNet::Create(std::move(ckpt.config), std::move(ckpt.weights), options);
     if (!model.ok()) {
-      return absl::Status(model.status().code(),
-                          absl::StrCat(dir, ": ", model.status().message()));
+      return absl::Status(model.status().code(), absl::StrCat(dir, ": ", model.status().message()));
     }
     return model;
   });

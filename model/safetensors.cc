@@ -160,8 +160,16 @@ absl::Status SafetensorsFile::Parse() {
   data_ = map_ + 8 + header_len;
   data_size_ = map_size_ - 8 - header_len;
 
-  nlohmann::json header = nlohmann::json::parse(reinterpret_cast<const char*>(map_ + 8),
-                                                reinterpret_cast<const char*>(data_), nullptr,
+  // The header is one JSON object, optionally padded with spaces (0x20) and nothing else: a
+  // header length that cuts into the object or reaches into the data region is refused here.
+  const char* text = reinterpret_cast<const char*>(map_ + 8);
+  uint64_t text_len = header_len;
+  while (text_len > 0 && text[text_len - 1] == ' ') --text_len;
+  if (text_len == 0 || text[0] != '{' || text[text_len - 1] != '}') {
+    return bad(absl::StrCat("header is not valid JSON: its ", header_len,
+                            " bytes are not one object padded with spaces (wrong header length?)"));
+  }
+  nlohmann::json header = nlohmann::json::parse(text, text + text_len, nullptr,
                                                 /*allow_exceptions=*/false);
   if (header.is_discarded()) return bad("header is not valid JSON");
   if (!header.is_object()) return bad("header is not a JSON object");
@@ -243,8 +251,8 @@ absl::Status SafetensorsFile::Parse() {
     }
     if (sorted[i]->begin > covered) {
       return bad(absl::StrCat("bytes [", covered, ", ", sorted[i]->begin,
-                              ") of the data region belong to no tensor (before '",
-                              sorted[i]->name, "'): wrong header length or offsets"));
+                              ") of the data region belong to no tensor (before '", sorted[i]->name,
+                              "'): wrong header length or offsets"));
     }
     covered = sorted[i]->end;
   }

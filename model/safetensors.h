@@ -4,9 +4,12 @@
 // length N, N bytes of JSON {"name": {"dtype", "shape", "data_offsets": [begin, end]}, ...,
 // "__metadata__": {str: str}}, then the raw little-endian tensor data.
 //
-// The reader memory-maps the file read-only and validates the whole header up front (size limits,
-// JSON shape, known dtypes, offsets inside the data region, byte counts matching shapes, no
-// overlaps), so that every later access is in bounds. Every error names the file (and the tensor).
+// The reader opens only regular files (a FIFO or a device is refused without blocking),
+// memory-maps them read-only and validates the whole header up front: size limits, one JSON
+// object padded only with spaces, known dtypes, non-negative shapes whose byte count does not
+// overflow and equals the data_offsets span, and tensors that tile the data region exactly (no
+// overlap, no hole, no trailing bytes), so that every later access is in bounds and a header length
+// off by a byte is refused. Every error names the file (and the tensor).
 //
 // Ownership and threading: a SafetensorsFile is immutable after Open() and safe to share between
 // threads. Tensors returned by Get() alias the mapping and keep it alive (they hold a shared_ptr).

@@ -1,14 +1,20 @@
 // Checkpoint loading: fla/HF files written here (single file, shards, legacy fused MLP, bf16)
 // load into a model identical to the one they came from; every loader error is specific.
-// (torchscale, syncdoth and seed layouts are covered against the Python reference goldens.)
+// (torchscale, syncdoth and seed layouts are covered against the Python reference goldens; here
+// only the July-2023 torchscale layout's group-norm eps.) Absurd config sizes and special files
+// are refused before anything is allocated or read (tests/model/test_corrupt_checkpoints.py runs
+// a whole corruption corpus through the binaries).
 #include "model/checkpoint.h"
 
 #include <gtest/gtest.h>
 #include <stdlib.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <fstream>
 #include <functional>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_replace.h"
 #include "model/safetensors.h"
@@ -255,6 +261,146 @@ TEST_F(CheckpointTest, TorchscaleMoeAndMultiwayAreUnimplemented) {
   ExpectError(absl::StatusCode::kUnimplemented, {"multiway"});
   WriteConfig(cfg + R"(, "moe_freq": 2})");
   ExpectError(absl::StatusCode::kUnimplemented, {"mixture-of-experts"});
+}
+
+TEST_F(CheckpointTest, AbsurdConfigSizesNameFileAndField) {
+  WriteWeights(tensors_);
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {R"("hidden_size": 1099511627776)", "'hidden_size'"},
+      {R"("hidden_size": 9223372036854775809)", "'hidden_size'"},
+      {R"("hidden_size": -32)", "'hidden_size'"},
+      {R"("hidden_size": "32")", "'hidden_size'"},
+      {R"("num_hidden_layers": 1000000000)", "'num_hidden_layers'"},
+      {R"("num_hidden_layers": 1e9)", "'num_hidden_layers'"},
+      {R"("num_heads": 0)", "'num_heads'"},
+      {R"("num_heads": 3)", "num_heads=3"},
+      {R"("vocab_size": 1099511627776)", "'vocab_size'"},
+      {R"("vocab_size": 0)", "'vocab_size'"},
+      {R"("expand_k": 1e300)", "'expand_k'"},
+      {R"("expand_v": -2)", "'expand_v'"},
+      {R"("hidden_ratio": 1e300)", "'hidden_ratio'"},
+      {R"("intermediate_size": 1099511627776)", "'intermediate_size'"},
+      {R"("eos_token_id": 1099511627776)", "'eos_token_id'"},
+  };
+  for (const auto& [field, needle] : cases) {
+    // The later key wins in the parsed object: put the mutation last.
+    std::string json = FlaConfigJson();
+    json.insert(json.size() - 1, ", " + field);
+    if (absl::StrContains(field, "hidden_ratio")) {
+      json = absl::StrReplaceAll(
+          json, {{R"("vocab_size")", R"("intermediate_size": null, "vocab_size")"}});
+    }
+    WriteConfig(json);
+    SCOPED_TRACE(field);
+    ExpectError(absl::StatusCode::kInvalidArgument, {"config.json", needle});
+  }
+}
+
+TEST_F(CheckpointTest, SpecialFilesAreRefusedWithoutBlocking) {
+  WriteWeights(tensors_);
+  const std::string config = dir_ + "/config.json";
+  ASSERT_EQ(::mkfifo(config.c_str(), 0600), 0);  // a reader would wait for a writer forever
+  ExpectError(absl::StatusCode::kInvalidArgument, {"config.json", "not a regular file"});
+  ASSERT_EQ(::unlink(config.c_str()), 0);
+  ASSERT_EQ(::symlink("/dev/zero", config.c_str()), 0);  // would read without end
+  ExpectError(absl::StatusCode::kInvalidArgument, {"config.json", "not a regular file"});
+  ASSERT_EQ(::unlink(config.c_str()), 0);
+  ASSERT_EQ(::mkdir(config.c_str(), 0700), 0);
+  ExpectError(absl::StatusCode::kInvalidArgument, {"config.json", "not a regular file"});
+  ASSERT_EQ(::rmdir(config.c_str()), 0);
+
+  WriteConfig(FlaConfigJson());
+  const std::string weights = dir_ + "/model.safetensors";
+  ASSERT_EQ(::unlink(weights.c_str()), 0);
+  ASSERT_EQ(::mkfifo(weights.c_str(), 0600), 0);
+  ExpectError(absl::StatusCode::kInvalidArgument, {"model.safetensors", "not a regular file"});
+  ASSERT_EQ(::unlink(weights.c_str()), 0);
+  // A symlink to a regular file is fine.
+  const std::string elsewhere = dir_ + "/elsewhere.bin";
+  WriteWeights(tensors_, "elsewhere.bin");
+  ASSERT_EQ(::symlink(elsewhere.c_str(), weights.c_str()), 0);
+  EXPECT_TRUE(ReadCheckpoint(dir_).ok());
+}
+
+// internal name -> July-2023 torchscale key (no "decoder." prefix).
+std::string TorchscaleV1Key(const std::string& internal) {
+  std::string k = internal;
+  const auto dot = k.rfind('.');
+  const std::string suffix = k.substr(dot + 1) == "w" ? "weight" : "bias";
+  k = k.substr(0, dot);
+  if (k == "embed") return "embed_tokens.weight";
+  if (k == "final_norm") return "layer_norm." + suffix;
+  if (k == "lm_head") return "output_projection.weight";
+  k = absl::StrReplaceAll(k, {{".attn_norm", ".retention_layer_norm"},
+                              {".ffn_norm", ".final_layer_norm"},
+                              {".ffn.act", ".ffn.fc1"},
+                              {".ffn.out", ".ffn.fc2"},
+                              {".ffn.inner_norm", ".ffn.ffn_layernorm"},
+                              {".o", ".retention.out_proj"}});
+  for (const char* p : {"q", "k", "v", "g"}) {
+    if (absl::EndsWith(k, absl::StrCat(".", p))) {
+      k = absl::StrCat(k.substr(0, k.size() - 1), "retention.", p, "_proj");
+    }
+  }
+  return k + "." + suffix;
+}
+
+// Upstream's MultiScaleRetention of the July-2023 layout (e.g. 0b1f113) builds its group norm
+// with a hard-coded eps of 1e-6, whatever the config's layernorm_eps (1e-5) says; the block
+// norms keep layernorm_eps. An explicit group_norm_eps still wins.
+TEST_F(CheckpointTest, TorchscaleV1GroupNormEpsIsUpstreamsHardCodedValue) {
+  ModelConfig want = testing::SmallConfig(testing::Variant::kTorchscaleV1);
+  std::vector<std::pair<std::string, at::Tensor>> tensors;
+  ModelWeights weights;
+  at::manual_seed(7);
+  for (const auto& [name, shape] : ExpectedTensors(want)) {
+    at::Tensor t = at::randn(shape) * 0.2;
+    if (absl::EndsWith(name, "norm.w")) t = t + 1;
+    tensors.emplace_back(TorchscaleV1Key(name), t);
+    weights.tensors[name] = t;
+  }
+  WriteWeights(tensors);
+  const std::string config =
+      R"({"family": "torchscale", "decoder_embed_dim": 32, "decoder_value_embed_dim": 64,
+          "decoder_retention_heads": 2, "decoder_ffn_embed_dim": 64, "decoder_layers": 2,
+          "vocab_size": 61, "layernorm_eps": 1e-5, "activation_fn": "gelu",
+          "no_scale_embedding": true, "share_decoder_input_output_embed": false)";
+  WriteConfig(config + "}");
+  auto ckpt = ReadCheckpoint(dir_);
+  ASSERT_TRUE(ckpt.ok()) << ckpt.status();
+  EXPECT_EQ(ckpt->config.layout, "torchscale-v1");
+  EXPECT_EQ(ckpt->config.group_norm, NormKind::kLayerNorm);
+  EXPECT_EQ(ckpt->config.group_norm_eps, 1e-6);
+  EXPECT_EQ(ckpt->config.block_norm_eps, 1e-5);
+
+  // The loaded model computes with that eps: equal to one built with 1e-6, not to one with 1e-5
+  // (the value projections are scaled down so that eps matters, as in the goldens).
+  for (auto& [name, t] : weights.tensors) {
+    if (absl::StrContains(name, ".v.")) t = t * 0.01;
+  }
+  for (auto& [key, t] : tensors) {
+    if (absl::StrContains(key, "retention.v_proj")) t = t * 0.01;
+  }
+  WriteWeights(tensors);
+  auto loaded = LoadModel(dir_, {});
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  for (int i = 0; i < want.num_layers; ++i) weights.buffers.push_back(DefaultBuffers(want));
+  at::Tensor tokens = at::randint(61, {1, 23}, at::kLong);
+  auto logits_of = [&](double eps) {
+    ModelConfig c = want;
+    c.group_norm_eps = eps;
+    auto model = RetNet::Create(c, weights, {});
+    EXPECT_TRUE(model.ok()) << model.status();
+    return *(*model)->Parallel(tokens);
+  };
+  at::Tensor got = *(*loaded)->Parallel(tokens);
+  EXPECT_LE(RelErr(got, logits_of(1e-6)), 1e-6);
+  EXPECT_GT(RelErr(got, logits_of(1e-5)), 1e-3);
+
+  WriteConfig(config + R"(, "group_norm_eps": 1e-5})");
+  auto overridden = ReadCheckpoint(dir_);
+  ASSERT_TRUE(overridden.ok()) << overridden.status();
+  EXPECT_EQ(overridden->config.group_norm_eps, 1e-5);
 }
 
 }  // namespace

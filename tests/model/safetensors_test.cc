@@ -3,6 +3,8 @@
 
 #include <gtest/gtest.h>
 #include <stdlib.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <fstream>
 #include <string>
@@ -112,6 +114,120 @@ TEST(SafetensorsTest, RejectsOverlappingTensors) {
                          R"("b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})",
                          12),
                 "overlap");
+}
+
+// The tensors must tile the data region exactly: a gap, a byte left over or an overlap means the
+// header and the data disagree (a header length off by one shifts every tensor).
+TEST(SafetensorsTest, RejectsHoleBetweenTensors) {
+  ExpectInvalid(WriteRaw(R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},)"
+                         R"("b":{"dtype":"F32","shape":[1],"data_offsets":[8,12]}})",
+                         12),
+                "bytes [4, 8) of the data region belong to no tensor");
+}
+
+TEST(SafetensorsTest, RejectsHoleAtTheStart) {
+  ExpectInvalid(WriteRaw(R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})", 8),
+                "bytes [0, 4)");
+}
+
+TEST(SafetensorsTest, RejectsTrailingDataBytes) {
+  ExpectInvalid(WriteRaw(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})", 9),
+                "the data region has 9 bytes but the tensors cover 8");
+}
+
+TEST(SafetensorsTest, RejectsHeaderLengthOffByOne) {
+  // A valid file whose header is padded with spaces: one byte short moves a space into the data
+  // region (left over), one byte long moves a data byte into the header (not JSON).
+  const std::string header = R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}   )";
+  EXPECT_TRUE(SafetensorsFile::Open(WriteRaw(header, 8)).ok());
+  ExpectInvalid(WriteRaw(header, 8, header.size() - 1), "the tensors cover 8");
+  ExpectInvalid(WriteRaw(header, 8, header.size() + 1), "not valid JSON");
+}
+
+TEST(SafetensorsTest, HeaderMayBePaddedWithSpacesOnly) {
+  const std::string json = R"({"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}})";
+  EXPECT_TRUE(SafetensorsFile::Open(WriteRaw(json + "       ", 1)).ok());
+  ExpectInvalid(WriteRaw(json + "\n", 1), "not valid JSON");
+  ExpectInvalid(WriteRaw(json + "\t ", 1), "not valid JSON");
+  ExpectInvalid(WriteRaw(json + "x", 1), "not valid JSON");
+  ExpectInvalid(WriteRaw(" " + json, 1), "not valid JSON");
+  ExpectInvalid(WriteRaw(json + std::string(1, '\0'), 1), "not valid JSON");
+  ExpectInvalid(WriteRaw(R"({"a":1}})", 0), "not valid JSON");
+  ExpectInvalid(WriteRaw("[]", 0), "not valid JSON");
+}
+
+TEST(SafetensorsTest, RejectsEmptyHeader) { ExpectInvalid(WriteRaw("", 0), "not valid JSON"); }
+
+TEST(SafetensorsTest, EmptyTensorsTakeNoBytes) {
+  auto file =
+      SafetensorsFile::Open(WriteRaw(R"({"e":{"dtype":"F32","shape":[0,3],"data_offsets":[4,4]},)"
+                                     R"("w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}})",
+                                     4));
+  ASSERT_TRUE(file.ok()) << file.status();
+  EXPECT_EQ((*file)->Get("e")->numel(), 0);
+}
+
+TEST(SafetensorsTest, RejectsBeginAfterEnd) {
+  ExpectInvalid(WriteRaw(R"({"w":{"dtype":"F32","shape":[1],"data_offsets":[4,0]}})", 4), "'w'");
+}
+
+TEST(SafetensorsTest, RejectsShapesThatOverflow) {
+  ExpectInvalid(WriteRaw(R"({"w":{"dtype":"F32","shape":[4611686018427387904,)"
+                         R"(4611686018427387904,4],"data_offsets":[0,4]}})",
+                         4),
+                "overflows");
+  ExpectInvalid(WriteRaw(R"({"w":{"dtype":"U8","shape":[9223372036854775813],)"
+                         R"("data_offsets":[0,4]}})",
+                         4),
+                "overflows");
+  // numel fits in 64 bits but the byte count does not.
+  ExpectInvalid(WriteRaw(R"({"w":{"dtype":"F64","shape":[4611686018427387904],)"
+                         R"("data_offsets":[0,8]}})",
+                         8),
+                "'w'");
+}
+
+TEST(SafetensorsTest, RejectsNonIntegerOffsetsAndShapes) {
+  ExpectInvalid(WriteRaw(R"({"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4.0]}})", 4),
+                "data_offsets");
+  ExpectInvalid(WriteRaw(R"({"w":{"dtype":"F32","shape":["1"],"data_offsets":[0,4]}})", 4),
+                "non-integer");
+  ExpectInvalid(WriteRaw(R"({"w":{"dtype":"F32","shape":[1],"data_offsets":[0]}})", 4),
+                "data_offsets");
+}
+
+// Special files are refused at once, never read (a FIFO would block, /dev/zero never ends).
+TEST(SafetensorsTest, RefusesFifoDeviceAndDirectoryWithoutBlocking) {
+  const std::string fifo = TempPath("fifo.safetensors");
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  ExpectInvalid(fifo, "not a regular file");
+  const std::string zero = TempPath("zero.safetensors");
+  ASSERT_EQ(::symlink("/dev/zero", zero.c_str()), 0);
+  ExpectInvalid(zero, "not a regular file");
+  const std::string dir = TempPath("dir.safetensors");
+  ASSERT_EQ(::mkdir(dir.c_str(), 0700), 0);
+  ExpectInvalid(dir, "not a regular file");
+  // A symlink to a regular file is fine.
+  const std::string real = TempPath("real.safetensors"), link = TempPath("link.safetensors");
+  ASSERT_TRUE(WriteSafetensors(real, {{"x", at::ones({2})}}).ok());
+  ASSERT_EQ(::symlink(real.c_str(), link.c_str()), 0);
+  EXPECT_TRUE(SafetensorsFile::Open(link).ok());
+}
+
+TEST(SafetensorsTest, ReadRegularFileIsBounded) {
+  const std::string small = TempPath("small.json");
+  std::ofstream(small) << "0123456789";
+  EXPECT_EQ(*ReadRegularFile(small, 10), "0123456789");
+  auto big = ReadRegularFile(small, 9);
+  EXPECT_EQ(big.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(big.status().message().find("limit"), std::string::npos) << big.status();
+  const std::string fifo = TempPath("fifo.json");
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  EXPECT_EQ(ReadRegularFile(fifo, 1 << 20).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ReadRegularFile("/dev/zero", 1 << 20).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ReadRegularFile(TempPath("absent.json"), 10).status().code(),
+            absl::StatusCode::kNotFound);
 }
 
 TEST(SafetensorsTest, MissingFileIsNotFound) {
