@@ -51,6 +51,10 @@ int main(int argc, char** argv) {
   app.add_flag("--state-dir-shared", o.state_dir_shared,
                "replicas share --state-dir: restore sessions on first use, not at start")
       ->envname("RETNET_STATE_DIR_SHARED");
+  app.add_option("--state-dir-writers", o.state_dir_writers,
+                 "threads writing session snapshots (one session is never written by two at once)")
+      ->envname("RETNET_STATE_DIR_WRITERS")
+      ->capture_default_str();
   app.add_option("--snapshot-interval-s", snapshot_s, "periodic snapshot interval")
       ->envname("RETNET_SNAPSHOT_INTERVAL_S")
       ->capture_default_str();
@@ -65,6 +69,14 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--max-queued-requests", o.max_queued_requests, "admission queue")
       ->envname("RETNET_MAX_QUEUED_REQUESTS")
+      ->capture_default_str();
+  app.add_option("--control-threads", o.control_threads,
+                 "threads for session control work (create, fork, export, import, restore)")
+      ->envname("RETNET_CONTROL_THREADS")
+      ->capture_default_str();
+  app.add_option("--max-queued-control", o.max_queued_control,
+                 "control calls waiting for a thread; more are refused (RESOURCE_EXHAUSTED)")
+      ->envname("RETNET_MAX_QUEUED_CONTROL")
       ->capture_default_str();
   o.metrics_listen = "0.0.0.0:9100";
   app.add_option("--metrics-listen", o.metrics_listen,

@@ -119,12 +119,23 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   so.snapshot_chunk_bytes = options.snapshot_chunk_bytes;
   so.metrics = &impl->metrics;
   so.default_max_new_tokens = std::min(options.default_max_new_tokens, options.max_new_tokens);
+  so.control_threads = static_cast<int>(options.control_threads);
+  so.max_queued_control = options.max_queued_control;
   impl->service = std::make_unique<RetNetService>(&impl->keys, so);
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   std::shared_ptr<grpc::ServerCredentials> creds = grpc::InsecureServerCredentials();
+  if (options.state_dir_writers < 1 || options.state_dir_writers > 64) {
+    return absl::InvalidArgumentError("--state-dir-writers: between 1 and 64");
+  }
+  if (options.control_threads < 1 || options.control_threads > 256) {
+    return absl::InvalidArgumentError("--control-threads: between 1 and 256");
+  }
+  if (options.max_queued_control < 1) {
+    return absl::InvalidArgumentError("--max-queued-control: at least 1");
+  }
   if (!options.tls_cert.empty()) {
     ASSIGN_OR_RETURN(std::string cert, ReadFileToString(options.tls_cert));
     ASSIGN_OR_RETURN(std::string key, ReadFileToString(options.tls_key));
@@ -165,8 +176,11 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   ASSIGN_OR_RETURN(impl->engine, engine::Engine::Create(impl->model, std::move(tokenizer), eo));
 
   if (!options.state_dir.empty()) {
-    ASSIGN_OR_RETURN(impl->state, StateDirectory::Open(options.state_dir, options.state_dir_shared,
-                                                       impl->engine.get()));
+    StateDirectoryOptions sdo;
+    sdo.shared = options.state_dir_shared;
+    sdo.writers = options.state_dir_writers;
+    sdo.on_save = options.on_state_dir_save;
+    ASSIGN_OR_RETURN(impl->state, StateDirectory::Open(options.state_dir, sdo, impl->engine.get()));
     if (!options.state_dir_shared) {  // shared: each session is restored where it is next used
       const int64_t n = impl->state->RestoreAll();
       if (n > 0) spdlog::info("restored {} sessions from {}", n, options.state_dir);
@@ -230,6 +244,8 @@ absl::Status Server::Drain(absl::Duration grace) {
   // continue elsewhere from that turn. Streams still open at the deadline are cancelled.
   impl_->grpc_server->Shutdown(std::chrono::system_clock::now() + absl::ToChronoNanoseconds(grace));
   impl_->grpc_server->Wait();
+  // Control work still queued or running finishes now (it may queue saves, flushed below).
+  impl_->service->Shutdown();
   spdlog::info("drain: gRPC stopped");
   // Cancelled streams cancelled their generations; the engine ends them within an iteration.
   if (!impl_->engine->WaitIdle(absl::Seconds(30))) spdlog::warn("drain: generations still running");

@@ -19,10 +19,12 @@
 // held itself. With a shared directory nothing is restored eagerly at start.
 //
 // Threading: Start/Drain/Wait from the owning thread; the server runs on gRPC's threads, the
-// engine thread and one housekeeping thread.
+// engine thread, the service's control executor, the state directory's writers and one
+// housekeeping thread.
 #ifndef RETNET_SERVER_SERVER_H_
 #define RETNET_SERVER_SERVER_H_
 
+#include <cstdint>
 #include <functional>
 #include <memory>
 #include <string>
@@ -32,6 +34,11 @@
 #include "absl/time/time.h"
 
 namespace retnet::server {
+
+// The state directory's queued saves, for tests: (internal session id, queue order, event);
+// see server/state_dir.h.
+enum class SaveEvent : int;
+using SaveHook = std::function<void(const std::string& id, int64_t seq, SaveEvent event)>;
 
 struct ServerOptions {
   std::string checkpoint;  // empty = the built-in default model
@@ -44,11 +51,16 @@ struct ServerOptions {
   absl::Duration session_ttl = absl::Minutes(30);
   std::string state_dir;          // empty = no persistence
   bool state_dir_shared = false;  // other replicas use the same directory
+  int state_dir_writers = 2;      // threads saving sessions (write-through and queued saves)
   absl::Duration snapshot_interval = absl::Seconds(60);
   int64_t max_prompt_tokens = 32768;
   int64_t max_new_tokens = 4096;
   int64_t default_max_new_tokens = 256;
   int64_t max_queued_requests = 256;
+  // Control work (session create/fork/delete/export/import, restores, turn preparation) runs on
+  // this many threads, with at most `max_queued_control` calls waiting (RESOURCE_EXHAUSTED).
+  int control_threads = 4;
+  int64_t max_queued_control = 256;
   std::string api_keys_file;      // empty = no authentication
   std::string tls_cert, tls_key;  // both or neither
   int64_t max_message_bytes = 16 << 20;
@@ -57,6 +69,8 @@ struct ServerOptions {
   std::string metrics_listen;
   // Called once the gRPC port is bound and before the model is loaded (health NOT_SERVING).
   std::function<void(int port)> on_listening;
+  // Tests only: sees the state directory's queued saves (may be empty).
+  SaveHook on_state_dir_save;
 };
 
 class Server {

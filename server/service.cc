@@ -12,6 +12,7 @@
 #include "common/status_macros.h"
 #include "common/strings.h"
 #include "common/utf8.h"
+#include "server/executor.h"
 #include "server/status.h"
 #include "server/turn_stream.h"
 #include "server/wire.h"
@@ -22,6 +23,11 @@ namespace {
 namespace v1 = ::retnet::v1;
 
 std::string RandomId() { return common::RandomHexId("s-"); }
+
+// Tokenize/Detokenize calls up to this size are answered on the reaction (microseconds); longer
+// ones go to the control executor.
+constexpr size_t kInlineTokenizeBytes = 4096;
+constexpr size_t kInlineDetokenizeIds = 4096;
 
 int64_t UnixMs(absl::Time t) { return absl::ToUnixMillis(t); }
 
@@ -108,54 +114,109 @@ absl::StatusOr<engine::SamplingParams> ConvertSampling(const v1::GenerateRequest
   return p;
 }
 
+// Generate: the turn is prepared on the control executor (it may create or restore the session,
+// tokenize a long prompt and submit, which can all wait for the engine loop or the disk); the
+// executor's work then starts the stream with Start() or ends it with Fail().
 class GenerateReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
  public:
   // Ends at once with `status`.
-  GenerateReactor(const absl::Status& status, Metrics* metrics) {
-    stream_ = std::make_shared<TurnStream>("", 0, metrics);
-    stream_->Fail(ToGrpc(status));
+  GenerateReactor(const absl::Status& status, Metrics* metrics) : metrics_(metrics) {
+    Fail(status);
+  }
+  // Waits for exactly one Start() or Fail(), normally from the control executor.
+  explicit GenerateReactor(Metrics* metrics) : metrics_(metrics) {}
+
+  void Fail(const absl::Status& status) {
+    auto stream = std::make_shared<TurnStream>("", 0, metrics_);
+    stream->Fail(ToGrpc(status));
+    {
+      absl::MutexLock lock(&mu_);
+      stream_ = std::move(stream);
+    }
     Pump();
+    Release();
   }
 
-  GenerateReactor(engine::Engine* engine, Turn turn, Metrics* metrics,
-                  const TurnStream::Persist& persist) {
-    stream_ = std::make_shared<TurnStream>(turn.public_id, engine->model_state_bytes(), metrics);
-    stream_->Attach([this] { Pump(); });
-    if (persist) stream_->SetPersist(persist);
-    stream_->SetTokenBytes(turn.token_bytes);
+  void Start(engine::Engine* engine, Turn turn, const TurnStream::Persist& persist) {
+    auto stream =
+        std::make_shared<TurnStream>(turn.public_id, engine->model_state_bytes(), metrics_);
+    stream->Attach([this] { Pump(); });
+    if (persist) stream->SetPersist(persist);
+    stream->SetTokenBytes(turn.token_bytes);
     const std::string internal_id = turn.request.session_id;
+    bool cancelled = false;
+    {
+      absl::MutexLock lock(&mu_);
+      stream_ = stream;
+      cancelled = cancelled_;
+    }
+    if (cancelled) stream->ClientGone();  // the generation is cancelled as soon as it exists
     // Accepted: the headers go out now, which commits the call on the client side, so a client's
     // retry policy (UNAVAILABLE) can only ever re-send a call that was refused, never a turn.
     StartSendInitialMetadata();
-    auto generation = engine->Submit(std::move(turn.request), stream_);
+    auto generation = engine->Submit(std::move(turn.request), stream);
     if (!generation.ok()) {
       if (turn.created) (void)engine->DeleteSession(internal_id);
-      stream_->Fail(ToGrpc(generation.status()));
+      stream->Fail(ToGrpc(generation.status()));
     } else {
-      stream_->SetGeneration(*generation);
+      stream->SetGeneration(*generation);
     }
     Pump();
+    Release();
   }
 
   void OnWriteDone(bool ok) override {
+    std::shared_ptr<TurnStream> stream;
     {
       absl::MutexLock lock(&mu_);
       writing_ = false;
+      stream = stream_;
     }
-    if (!ok) stream_->ClientGone();
+    if (!ok && stream) stream->ClientGone();
     Pump();
   }
-  void OnCancel() override { stream_->ClientGone(); }
+  void OnCancel() override {
+    std::shared_ptr<TurnStream> stream;
+    {
+      absl::MutexLock lock(&mu_);
+      cancelled_ = true;
+      stream = stream_;
+    }
+    if (stream) stream->ClientGone();
+  }
   void OnDone() override {
-    stream_->Detach();
-    delete this;
+    std::shared_ptr<TurnStream> stream;
+    {
+      absl::MutexLock lock(&mu_);
+      stream = stream_;
+    }
+    if (stream) stream->Detach();
+    bool last = false;
+    {
+      absl::MutexLock lock(&mu_);
+      gone_ = true;
+      last = !held_;
+    }
+    if (last) delete this;
   }
 
  private:
+  // Start() or Fail() is done with `this`: gRPC may have finished the call meanwhile (OnDone
+  // leaves the delete to whoever is last).
+  void Release() {
+    bool last = false;
+    {
+      absl::MutexLock lock(&mu_);
+      held_ = false;
+      last = gone_;
+    }
+    if (last) delete this;
+  }
+
   // One write at a time; the finish after the last one.
   void Pump() {
     absl::MutexLock lock(&mu_);
-    if (writing_ || done_) return;
+    if (writing_ || done_ || !stream_) return;
     grpc::Status status;
     switch (stream_->Next(&out_, &status)) {
       case TurnStream::Action::kNothing:
@@ -177,36 +238,45 @@ class GenerateReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> 
     }
   }
 
-  std::shared_ptr<TurnStream> stream_;
+  Metrics* const metrics_;
   absl::Mutex mu_;
+  std::shared_ptr<TurnStream> stream_ ABSL_GUARDED_BY(mu_);  // set by Start() or Fail()
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
   bool done_ ABSL_GUARDED_BY(mu_) = false;
-  v1::GenerateResponse out_;
-  grpc::ByteBuffer out_buf_;  // the write in flight
+  bool cancelled_ ABSL_GUARDED_BY(mu_) = false;
+  bool held_ ABSL_GUARDED_BY(mu_) = true;   // until Start() or Fail() returns
+  bool gone_ ABSL_GUARDED_BY(mu_) = false;  // OnDone() ran
+  v1::GenerateResponse out_ ABSL_GUARDED_BY(mu_);
+  grpc::ByteBuffer out_buf_ ABSL_GUARDED_BY(mu_);  // the write in flight
 };
 
 // Chat: turns arrive on the read side; each is generated and streamed like Generate, ending with
 // its Final; then the next turn is read. The first turn's session is the stream's session.
 // Rules kept here: one write and one read in flight at most; Finish exactly once and never while
 // a write is in flight (a status that arrives then waits for OnWriteDone); a finished turn's
-// stream is detached before the next turn replaces it.
+// stream is detached before the next turn replaces it. Each turn is prepared and submitted on
+// the control executor (see GenerateReactor); while that work runs it holds the reactor, and
+// OnDone leaves the delete to it.
 class ChatReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
  public:
   using Prepare =
       std::function<absl::StatusOr<Turn>(const v1::GenerateRequest&, const std::string& session)>;
   using PersistFor = std::function<TurnStream::Persist(const std::string& internal_id)>;
 
-  ChatReactor(engine::Engine* engine, Prepare prepare, PersistFor persist_for, Metrics* metrics)
+  ChatReactor(engine::Engine* engine, Executor* control, Prepare prepare, PersistFor persist_for,
+              Metrics* metrics)
       : engine_(engine),
+        control_(control),
         prepare_(std::move(prepare)),
         persist_for_(std::move(persist_for)),
         metrics_(metrics) {
     StartRead(&in_buf_);
   }
 
-  // Reads are one at a time, so this never runs concurrently with itself. Streams are attached
-  // and detached without holding mu_: the engine calls Pump (which takes mu_) while holding a
-  // stream's wake lock.
+  // Reads are one at a time, so this never runs concurrently with itself, nor with a turn's
+  // preparation (the next read starts when the turn is over). Streams are attached and detached
+  // without holding mu_: the engine calls Pump (which takes mu_) while holding a stream's wake
+  // lock.
   void OnReadDone(bool ok) override {
     std::string session;
     std::shared_ptr<TurnStream> previous;
@@ -227,42 +297,28 @@ class ChatReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc:
     v1::ChatRequest in;
     absl::Status parsed = ParseRequest(in_buf_, &in);
     in_buf_.Clear();
-    absl::StatusOr<Turn> turn =
-        parsed.ok() ? prepare_(in.turn(), session) : absl::StatusOr<Turn>(parsed);
-    if (!turn.ok()) {
-      absl::MutexLock lock(&mu_);
-      const grpc::Status reply = ToGrpc(turn.status());
-      LogCall("Chat", session, reply.error_code(), -1, -1, absl::Now());
-      EndLocked(reply);
+    if (!parsed.ok()) {
+      StartTurn(parsed, session);
       return;
     }
-    auto stream =
-        std::make_shared<TurnStream>(turn->public_id, engine_->model_state_bytes(), metrics_);
-    stream->SetMethod("Chat");
-    stream->SetTokenBytes(turn->token_bytes);
-    stream->Attach([this] { Pump(); });
-    const std::string internal_id = turn->request.session_id;
-    if (TurnStream::Persist persist = persist_for_(internal_id)) stream->SetPersist(persist);
     {
       absl::MutexLock lock(&mu_);
-      if (session_.empty()) session_ = turn->public_id;
-      stream_ = stream;
-      in_turn_ = true;
-      if (!metadata_sent_ && !finished_) {
-        // The first accepted turn commits the call (see GenerateReactor).
-        metadata_sent_ = true;
-        StartSendInitialMetadata();
+      ++holds_;
+    }
+    absl::Status queued = control_->Submit([this, turn = std::move(*in.mutable_turn()), session] {
+      bool finished = false;
+      {
+        absl::MutexLock lock(&mu_);
+        finished = finished_;
       }
+      // Cancelled while queued: nothing is prepared (no session is created or restored).
+      if (!finished) StartTurn(prepare_(turn, session), session);
+      Release();
+    });
+    if (!queued.ok()) {
+      StartTurn(queued, session);
+      Release();
     }
-    auto generation = engine_->Submit(std::move(turn->request), stream);
-    if (!generation.ok() && turn->created) (void)engine_->DeleteSession(internal_id);
-    absl::MutexLock lock(&mu_);
-    if (!generation.ok()) {
-      in_turn_ = false;
-      EndLocked(ToGrpc(generation.status()));
-      return;
-    }
-    stream->SetGeneration(*generation);
   }
 
   void OnWriteDone(bool ok) override {
@@ -292,10 +348,73 @@ class ChatReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc:
       stream = stream_;
     }
     if (stream) stream->Detach();
-    delete this;
+    bool last = false;
+    {
+      absl::MutexLock lock(&mu_);
+      gone_ = true;
+      last = holds_ == 0;
+    }
+    if (last) delete this;
   }
 
  private:
+  // A turn's preparation is done with `this` (see OnDone).
+  void Release() {
+    bool last = false;
+    {
+      absl::MutexLock lock(&mu_);
+      last = --holds_ == 0 && gone_;
+    }
+    if (last) delete this;
+  }
+
+  // Starts the prepared turn (or ends the stream with its error). On the control executor, or
+  // on the reaction for an error.
+  void StartTurn(absl::StatusOr<Turn> turn, const std::string& session) {
+    if (!turn.ok()) {
+      absl::MutexLock lock(&mu_);
+      const grpc::Status reply = ToGrpc(turn.status());
+      LogCall("Chat", session, reply.error_code(), -1, -1, absl::Now());
+      EndLocked(reply);
+      return;
+    }
+    auto stream =
+        std::make_shared<TurnStream>(turn->public_id, engine_->model_state_bytes(), metrics_);
+    stream->SetMethod("Chat");
+    stream->SetTokenBytes(turn->token_bytes);
+    stream->Attach([this] { Pump(); });
+    const std::string internal_id = turn->request.session_id;
+    if (TurnStream::Persist persist = persist_for_(internal_id)) stream->SetPersist(persist);
+    bool abandoned = false;
+    {
+      absl::MutexLock lock(&mu_);
+      abandoned = finished_;
+      if (!abandoned) {
+        if (session_.empty()) session_ = turn->public_id;
+        stream_ = stream;
+        in_turn_ = true;
+        if (!metadata_sent_) {
+          // The first accepted turn commits the call (see GenerateReactor).
+          metadata_sent_ = true;
+          StartSendInitialMetadata();
+        }
+      }
+    }
+    if (abandoned) {  // cancelled while the turn was prepared: it never starts
+      if (turn->created) (void)engine_->DeleteSession(internal_id);
+      return;
+    }
+    auto generation = engine_->Submit(std::move(turn->request), stream);
+    if (!generation.ok() && turn->created) (void)engine_->DeleteSession(internal_id);
+    absl::MutexLock lock(&mu_);
+    if (!generation.ok()) {
+      in_turn_ = false;
+      EndLocked(ToGrpc(generation.status()));
+      return;
+    }
+    stream->SetGeneration(*generation);
+  }
+
   void Pump() {
     absl::MutexLock lock(&mu_);
     if (writing_ || finished_ || !in_turn_) return;
@@ -341,10 +460,13 @@ class ChatReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc:
   }
 
   engine::Engine* const engine_;
+  Executor* const control_;
   const Prepare prepare_;
   const PersistFor persist_for_;
   Metrics* const metrics_;
   absl::Mutex mu_;
+  int holds_ ABSL_GUARDED_BY(mu_) = 0;      // turn preparations queued or running
+  bool gone_ ABSL_GUARDED_BY(mu_) = false;  // OnDone() ran
   std::string session_ ABSL_GUARDED_BY(mu_);
   std::shared_ptr<TurnStream> stream_ ABSL_GUARDED_BY(mu_);
   std::optional<grpc::Status> deferred_status_ ABSL_GUARDED_BY(mu_);
@@ -358,12 +480,23 @@ class ChatReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc:
   grpc::ByteBuffer out_buf_;  // the write in flight
 };
 
+// ExportSession: the snapshot is taken on the control executor, which then calls Send() (or
+// Refuse()); nothing is written before that, so the reactor cannot finish before it.
 class ExportReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
  public:
-  ExportReactor(std::string data, int64_t chunk, std::string session)
-      : data_(std::move(data)), chunk_(chunk), session_(std::move(session)) {
+  explicit ExportReactor(int64_t chunk) : chunk_(chunk) {}
+  // Exactly one of these, once.
+  void Send(std::string data, std::string session) {
+    data_ = std::move(data);
+    session_ = std::move(session);
     Next();
   }
+  void Refuse(const absl::Status& s) {
+    const grpc::Status reply = ToGrpc(s);
+    LogCall("ExportSession", "", reply.error_code(), -1, -1, start_);
+    Finish(reply);
+  }
+
   void OnWriteDone(bool ok) override {
     if (!ok) {
       LogCall("ExportSession", session_, grpc::StatusCode::CANCELLED, -1, -1, start_);
@@ -375,6 +508,7 @@ class ExportReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
   void OnDone() override { delete this; }
 
  private:
+  // The last thing it does is start a write or finish: `this` may be gone right after.
   void Next() {
     if (sent_ >= data_.size()) {
       LogCall("ExportSession", session_, grpc::StatusCode::OK, -1, -1, start_);
@@ -389,9 +523,10 @@ class ExportReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
     SerializeTo(msg, &buf_);
     StartWrite(&buf_);
   }
-  const std::string data_;
+  // Set once by Send(), before the first write; read by the write reactions after it.
+  std::string data_;
+  std::string session_;
   const int64_t chunk_;
-  const std::string session_;
   const absl::Time start_ = absl::Now();
   size_t sent_ = 0;
   grpc::ByteBuffer buf_;  // the write in flight
@@ -400,11 +535,15 @@ class ExportReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
 class ImportReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
  public:
   // `store` (may be null): with write-through, the imported session is saved before the reply.
+  // The restore (and the save) run on `control`: only End() finishes the call, so the reactor
+  // outlives that work.
   ImportReactor(grpc::CallbackServerContext* context, engine::Engine* engine, SessionStore* store,
-                std::string prefix, int64_t max_bytes, grpc::ByteBuffer* response)
+                Executor* control, std::string prefix, int64_t max_bytes,
+                grpc::ByteBuffer* response)
       : context_(context),
         engine_(engine),
         store_(store),
+        control_(control),
         prefix_(std::move(prefix)),
         max_bytes_(max_bytes),
         response_(response) {
@@ -433,8 +572,8 @@ class ImportReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
         return;
       }
       if (static_cast<int64_t>(data_.size() + msg.data().size()) > max_bytes_) {
-        End(absl::InvalidArgumentError(absl::StrCat("data: snapshot exceeds the size limit of ",
-                                                    max_bytes_, " bytes")));
+        End(absl::InvalidArgumentError(
+            absl::StrCat("data: snapshot exceeds the size limit of ", max_bytes_, " bytes")));
         return;
       }
       data_ += msg.data();
@@ -447,18 +586,25 @@ class ImportReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
       return;
     }
     if (id_.empty()) id_ = RandomId();
+    absl::Status queued = control_->Submit([this] { Restore(); });
+    if (!queued.ok()) End(queued);
+  }
+  void OnDone() override { delete this; }
+
+ private:
+  // On the control executor.
+  void Restore() {
     const std::string id = prefix_ + id_;
     auto info = engine_->RestoreSession(data_, id);
     if (info.ok()) ToProto(*info, prefix_, &session_);
     if (info.ok() && store_ != nullptr && store_->write_through()) {
       store_->Persist(id, [this](absl::Status saved) { End(saved); });
-      return;
+      return;  // `this` may be gone already
     }
     End(info.status());
   }
-  void OnDone() override { delete this; }
 
- private:
+  // Finishes the call: the last thing done with `this`.
   void End(const absl::Status& status) {
     if (status.ok()) SerializeTo(session_, response_);
     const grpc::Status reply = ToGrpc(status);
@@ -469,6 +615,7 @@ class ImportReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
   grpc::CallbackServerContext* const context_;
   engine::Engine* engine_;
   SessionStore* const store_;
+  Executor* const control_;
   const std::string prefix_;
   const int64_t max_bytes_;
   grpc::ByteBuffer* const response_;
@@ -483,8 +630,21 @@ class ImportReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
 }  // namespace
 
 RetNetService::RetNetService(const ApiKeys* keys, ServiceOptions options)
-    : keys_(keys), options_(std::move(options)) {
+    : keys_(keys),
+      options_(std::move(options)),
+      control_(std::make_unique<Executor>("control", options_.control_threads,
+                                          options_.max_queued_control)) {
   RouteProtobufLogsToSpdlog();
+}
+
+RetNetService::~RetNetService() { Shutdown(); }
+
+void RetNetService::Shutdown() { control_->Shutdown(); }
+
+template <typename Response>
+void RetNetService::Offload(UnaryReply<Response>* reply, std::function<void()> work) {
+  absl::Status queued = control_->Submit(std::move(work));
+  if (!queued.ok()) reply->Done(queued);
 }
 
 void RetNetService::SetEngine(engine::Engine* engine, SessionStore* store) {
@@ -615,10 +775,24 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* RetNetService::Generate(
   if (!parsed.ok()) return new GenerateReactor(parsed, options_.metrics);
   auto caller = Admit(*context);
   if (!caller.ok()) return new GenerateReactor(caller.status(), options_.metrics);
-  auto turn = PrepareTurn(context, *caller, request, "");
-  if (!turn.ok()) return new GenerateReactor(turn.status(), options_.metrics);
-  const std::string id = turn->request.session_id;
-  return new GenerateReactor(engine_, *std::move(turn), options_.metrics, PersistFor(id));
+  auto* reactor = new GenerateReactor(options_.metrics);
+  absl::Status queued = control_->Submit(
+      [this, reactor, context, prefix = *std::move(caller), request = std::move(request)] {
+        // Cancelled while queued: nothing is prepared (no session is created or restored).
+        if (context->IsCancelled()) {
+          reactor->Fail(absl::CancelledError("cancelled by the client"));
+          return;
+        }
+        auto turn = PrepareTurn(context, prefix, request, "");
+        if (!turn.ok()) {
+          reactor->Fail(turn.status());
+          return;
+        }
+        const std::string id = turn->request.session_id;
+        reactor->Start(engine_, *std::move(turn), PersistFor(id));
+      });
+  if (!queued.ok()) reactor->Fail(queued);
+  return reactor;
 }
 
 grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* RetNetService::Chat(
@@ -629,7 +803,7 @@ grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* RetNetService::Chat
   }
   const std::string prefix = *caller;
   return new ChatReactor(
-      engine_,
+      engine_, control_.get(),
       [this, context, prefix](const v1::GenerateRequest& turn, const std::string& session) {
         return PrepareTurn(context, prefix, turn, session);
       },
@@ -651,22 +825,25 @@ grpc::ServerUnaryReactor* RetNetService::CreateSession(grpc::CallbackServerConte
     reply->Done(check);
     return reply;
   }
-  const std::string id = request.session_id().empty() ? RandomId() : request.session_id();
+  const bool named = !request.session_id().empty();
+  const std::string id = named ? request.session_id() : RandomId();
   reply->set_session(id);
-  if (!request.session_id().empty()) {
-    auto existing = FindSession(caller + id);
-    if (existing.ok()) {
-      reply->Done(absl::AlreadyExistsError(absl::StrCat("session '", id, "' exists")));
-      return reply;
+  Offload(reply, [this, reply, caller, id, named] {
+    if (named) {
+      auto existing = FindSession(caller + id);
+      if (existing.ok()) {
+        reply->Done(absl::AlreadyExistsError(absl::StrCat("session '", id, "' exists")));
+        return;
+      }
+      if (!absl::IsNotFound(existing.status())) {
+        reply->Done(existing.status());
+        return;
+      }
     }
-    if (!absl::IsNotFound(existing.status())) {
-      reply->Done(existing.status());
-      return reply;
-    }
-  }
-  auto info = engine_->CreateSession(caller + id);
-  if (info.ok()) ToProto(*info, caller, reply->response());
-  ReplySaved(reply, caller + id, info.status());
+    auto info = engine_->CreateSession(caller + id);
+    if (info.ok()) ToProto(*info, caller, reply->response());
+    ReplySaved(reply, caller + id, info.status());
+  });
   return reply;
 }
 
@@ -679,9 +856,17 @@ grpc::ServerUnaryReactor* RetNetService::GetSession(grpc::CallbackServerContext*
       !RequireSessionId(request.session_id(), reply)) {
     return reply;
   }
-  auto info = FindSession(caller + request.session_id());
-  if (info.ok()) ToProto(*info, caller, reply->response());
-  reply->Done(info.status());
+  auto get = [this, reply, id = caller + request.session_id(), caller] {
+    auto info = FindSession(id);
+    if (info.ok()) ToProto(*info, caller, reply->response());
+    reply->Done(info.status());
+  };
+  // Without a state directory this is a lookup; with one it may restore the session.
+  if (store_ == nullptr) {
+    get();
+  } else {
+    Offload(reply, std::move(get));
+  }
   return reply;
 }
 
@@ -718,14 +903,16 @@ grpc::ServerUnaryReactor* RetNetService::ForkSession(grpc::CallbackServerContext
   }
   const std::string id = request.new_session_id().empty() ? RandomId() : request.new_session_id();
   reply->set_session(request.session_id());
-  auto source = FindSession(caller + request.session_id());
-  if (!source.ok()) {
-    reply->Done(source.status());
-    return reply;
-  }
-  auto info = engine_->ForkSession(caller + request.session_id(), caller + id);
-  if (info.ok()) ToProto(*info, caller, reply->response());
-  ReplySaved(reply, caller + id, info.status());
+  Offload(reply, [this, reply, caller, source_id = caller + request.session_id(), id] {
+    auto source = FindSession(source_id);
+    if (!source.ok()) {
+      reply->Done(source.status());
+      return;
+    }
+    auto info = engine_->ForkSession(source_id, caller + id);
+    if (info.ok()) ToProto(*info, caller, reply->response());
+    ReplySaved(reply, caller + id, info.status());
+  });
   return reply;
 }
 
@@ -738,33 +925,47 @@ grpc::ServerUnaryReactor* RetNetService::DeleteSession(grpc::CallbackServerConte
       !RequireSessionId(request.session_id(), reply)) {
     return reply;
   }
-  const std::string id = caller + request.session_id();
-  absl::Status deleted = engine_->DeleteSession(id);
-  // A session another replica left in the shared state directory is deleted there too; a
-  // refused delete (busy) leaves the snapshot alone.
-  if (deleted.ok() || absl::IsNotFound(deleted)) {
-    const bool stored = store_ != nullptr && store_->Forget(id);
-    if (absl::IsNotFound(deleted) && stored) deleted = absl::OkStatus();
-  }
-  reply->Done(deleted);
+  Offload(reply, [this, reply, id = caller + request.session_id()] {
+    absl::Status deleted = engine_->DeleteSession(id);
+    // A session another replica left in the shared state directory is deleted there too; a
+    // refused delete (busy) leaves the snapshot alone.
+    if (deleted.ok() || absl::IsNotFound(deleted)) {
+      const bool stored = store_ != nullptr && store_->Forget(id);
+      if (absl::IsNotFound(deleted) && stored) deleted = absl::OkStatus();
+    }
+    reply->Done(deleted);
+  });
   return reply;
 }
 
 grpc::ServerWriteReactor<grpc::ByteBuffer>* RetNetService::ExportSession(
     grpc::CallbackServerContext* context, const Raw* in) {
   v1::ExportSessionRequest request;
-  absl::StatusOr<std::string> snapshot = [&]() -> absl::StatusOr<std::string> {
+  absl::StatusOr<std::string> caller = [&]() -> absl::StatusOr<std::string> {
     RETURN_IF_ERROR(ParseRequest(*in, &request));
     ASSIGN_OR_RETURN(std::string caller, Admit(*context));
     RETURN_IF_ERROR(CheckSessionId(request.session_id(), "session_id", /*optional=*/false));
-    RETURN_IF_ERROR(FindSession(caller + request.session_id()).status());
-    return engine_->SnapshotSession(caller + request.session_id());
+    return caller;
   }();
-  if (!snapshot.ok()) {
-    return new Refused<grpc::ServerWriteReactor<Raw>>("ExportSession", snapshot.status());
+  auto* reactor = new ExportReactor(options_.snapshot_chunk_bytes);
+  if (!caller.ok()) {
+    reactor->Refuse(caller.status());
+    return reactor;
   }
-  return new ExportReactor(*std::move(snapshot), options_.snapshot_chunk_bytes,
-                           request.session_id());
+  absl::Status queued = control_->Submit(
+      [this, reactor, id = *caller + request.session_id(), session = request.session_id()] {
+        absl::StatusOr<std::string> snapshot = [&]() -> absl::StatusOr<std::string> {
+          RETURN_IF_ERROR(FindSession(id).status());
+          return engine_->SnapshotSession(id);
+        }();
+        if (snapshot.ok()) {
+          reactor->Send(*std::move(snapshot), session);
+        } else {
+          reactor->Refuse(snapshot.status());
+        }
+      });
+  if (!queued.ok()) reactor->Refuse(queued);
+  return reactor;
 }
 
 grpc::ServerReadReactor<grpc::ByteBuffer>* RetNetService::ImportSession(
@@ -779,24 +980,31 @@ grpc::ServerReadReactor<grpc::ByteBuffer>* RetNetService::ImportSession(
   // A snapshot is the state plus a header and the token history: bound what one call may buffer.
   const int64_t limit =
       std::min<int64_t>(options_.max_snapshot_bytes, engine_->model_state_bytes() + (64 << 20));
-  return new ImportReactor(context, engine_, store_, *caller, limit, out);
+  return new ImportReactor(context, engine_, store_, control_.get(), *caller, limit, out);
 }
 
 grpc::ServerUnaryReactor* RetNetService::Tokenize(grpc::CallbackServerContext* context,
                                                   const Raw* in, Raw* out) {
   auto* reply = new UnaryReply<v1::TokenizeResponse>("Tokenize", out);
-  v1::TokenizeRequest request;
+  auto request = std::make_shared<v1::TokenizeRequest>();
   std::string caller;
-  if (!Begin(context, in, &request, reply, &caller)) return reply;
-  const model::Tokenizer& tok = engine_->tokenizer();
-  auto ids = tok.Encode(request.text());
-  if (!ids.ok()) {
-    reply->Done(ids.status());
-    return reply;
+  if (!Begin(context, in, request.get(), reply, &caller)) return reply;
+  auto tokenize = [this, reply, request] {
+    const model::Tokenizer& tok = engine_->tokenizer();
+    auto ids = tok.Encode(request->text());
+    if (!ids.ok()) {
+      reply->Done(ids.status());
+      return;
+    }
+    if (request->add_bos() && tok.bos_id() >= 0) reply->response()->add_ids(tok.bos_id());
+    for (int64_t id : *ids) reply->response()->add_ids(id);
+    reply->Done(absl::OkStatus());
+  };
+  if (request->text().size() <= kInlineTokenizeBytes) {
+    tokenize();
+  } else {
+    Offload(reply, std::move(tokenize));
   }
-  if (request.add_bos() && tok.bos_id() >= 0) reply->response()->add_ids(tok.bos_id());
-  for (int64_t id : *ids) reply->response()->add_ids(id);
-  reply->Done(absl::OkStatus());
   return reply;
 }
 
@@ -807,20 +1015,27 @@ grpc::ServerUnaryReactor* RetNetService::Detokenize(grpc::CallbackServerContext*
   std::string caller;
   if (!Begin(context, in, &request, reply, &caller)) return reply;
   const int64_t vocab = engine_->model_vocab_size();
-  std::vector<int64_t> ids;
-  ids.reserve(request.ids_size());
+  auto ids = std::make_shared<std::vector<int64_t>>();
+  ids->reserve(request.ids_size());
   for (int64_t id : request.ids()) {
     if (id < 0 || id >= vocab) {
       reply->Done(absl::InvalidArgumentError(
           absl::StrCat("ids: token id ", id, " is outside the vocabulary [0, ", vocab, ")")));
       return reply;
     }
-    ids.push_back(id);
+    ids->push_back(id);
   }
-  std::string raw = engine_->tokenizer().Decode(ids);
-  reply->response()->set_text(common::SanitizeUtf8(raw));
-  reply->response()->set_raw(std::move(raw));
-  reply->Done(absl::OkStatus());
+  auto detokenize = [this, reply, ids] {
+    std::string raw = engine_->tokenizer().Decode(*ids);
+    reply->response()->set_text(common::SanitizeUtf8(raw));
+    reply->response()->set_raw(std::move(raw));
+    reply->Done(absl::OkStatus());
+  };
+  if (ids->size() <= kInlineDetokenizeIds) {
+    detokenize();
+  } else {
+    Offload(reply, std::move(detokenize));
+  }
   return reply;
 }
 

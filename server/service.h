@@ -6,18 +6,24 @@
 // write completes (merging them into one TokenChunk), so a slow reader never blocks the engine.
 //
 // Ownership and threading: the service borrows the engine and the keys (they must outlive the
-// server). Handlers run on gRPC's callback threads and never wait for the engine loop, except
-// the short session lock of control operations.
+// server) and owns a small control executor (server/executor.h). Handlers run on gRPC's
+// callback threads and never block there: whatever may wait for the engine loop or the disk
+// (creating, forking, deleting, exporting, importing and restoring sessions, state-directory
+// sync, preparing and submitting a turn, long tokenizations) runs on the executor, which
+// finishes the call. A full executor queue answers RESOURCE_EXHAUSTED. Reactors are finished
+// from the executor, the engine thread or the state directory's writers.
 #ifndef RETNET_SERVER_SERVICE_H_
 #define RETNET_SERVER_SERVICE_H_
 
 #include <atomic>
 #include <functional>
+#include <memory>
 #include <string>
 
 #include "engine/engine.h"
 #include "retnet/v1/retnet.grpc.pb.h"
 #include "server/auth.h"
+#include "server/executor.h"
 #include "server/metrics.h"
 #include "server/turn_stream.h"
 #include "server/wire.h"
@@ -64,6 +70,9 @@ struct ServiceOptions {
   int64_t max_snapshot_bytes = int64_t{4} << 30;
   Metrics* metrics = nullptr;     // not owned; may be null
   SessionStore* store = nullptr;  // not owned; may be null (no state directory)
+  // The control executor: threads, and calls that may wait for one before RESOURCE_EXHAUSTED.
+  int control_threads = 4;
+  int64_t max_queued_control = 256;
 };
 
 // Every method is registered raw (ByteBuffer in and out) so that the service parses requests
@@ -71,28 +80,32 @@ struct ServiceOptions {
 // field, never UNIMPLEMENTED, and a bad message later in a stream must fail the stream.
 using RawRetNetService = retnet::v1::RetNet::WithRawCallbackMethod_Generate<
     retnet::v1::RetNet::WithRawCallbackMethod_Chat<
-    retnet::v1::RetNet::WithRawCallbackMethod_CreateSession<
-    retnet::v1::RetNet::WithRawCallbackMethod_GetSession<
-    retnet::v1::RetNet::WithRawCallbackMethod_ListSessions<
-    retnet::v1::RetNet::WithRawCallbackMethod_ForkSession<
-    retnet::v1::RetNet::WithRawCallbackMethod_DeleteSession<
-    retnet::v1::RetNet::WithRawCallbackMethod_ExportSession<
-    retnet::v1::RetNet::WithRawCallbackMethod_ImportSession<
-    retnet::v1::RetNet::WithRawCallbackMethod_Tokenize<
-    retnet::v1::RetNet::WithRawCallbackMethod_Detokenize<
-    retnet::v1::RetNet::WithRawCallbackMethod_GetModelInfo<
-    retnet::v1::RetNet::Service>>>>>>>>>>>>;
+        retnet::v1::RetNet::WithRawCallbackMethod_CreateSession<
+            retnet::v1::RetNet::WithRawCallbackMethod_GetSession<
+                retnet::v1::RetNet::WithRawCallbackMethod_ListSessions<
+                    retnet::v1::RetNet::WithRawCallbackMethod_ForkSession<
+                        retnet::v1::RetNet::WithRawCallbackMethod_DeleteSession<
+                            retnet::v1::RetNet::WithRawCallbackMethod_ExportSession<
+                                retnet::v1::RetNet::WithRawCallbackMethod_ImportSession<
+                                    retnet::v1::RetNet::WithRawCallbackMethod_Tokenize<
+                                        retnet::v1::RetNet::WithRawCallbackMethod_Detokenize<
+                                            retnet::v1::RetNet::WithRawCallbackMethod_GetModelInfo<
+                                                retnet::v1::RetNet::Service>>>>>>>>>>>>;
 
 class RetNetService final : public RawRetNetService {
  public:
   // The service answers UNAVAILABLE ("loading") until SetEngine() is called.
   RetNetService(const ApiKeys* keys, ServiceOptions options);
+  ~RetNetService() override;  // Shutdown()
   // Once, when the model is loaded; `engine` and `store` (may be null: no state directory) must
   // outlive the server.
   void SetEngine(engine::Engine* engine, SessionStore* store = nullptr);
 
   // While draining, new work is refused with UNAVAILABLE.
   void set_draining(bool draining) { draining_.store(draining); }
+  // Runs the queued control work to completion and refuses more (UNAVAILABLE). Call after the
+  // gRPC server has stopped and before the engine and the store go away. Idempotent.
+  void Shutdown();
 
   using Raw = grpc::ByteBuffer;
   grpc::ServerWriteReactor<Raw>* Generate(grpc::CallbackServerContext* context,
@@ -134,6 +147,11 @@ class RetNetService final : public RawRetNetService {
   void ReplySaved(UnaryReply<Response>* reply, const std::string& id,
                   const absl::Status& status) const;
 
+  // Runs `work` (which answers `reply`) on the control executor, or answers `reply` with the
+  // refusal when it cannot be queued.
+  template <typename Response>
+  void Offload(UnaryReply<Response>* reply, std::function<void()> work);
+
   // Parses the request and admits the caller: false (the reply is done) when either fails.
   template <typename Request, typename Response>
   bool Begin(grpc::CallbackServerContext* context, const Raw* in, Request* request,
@@ -151,6 +169,7 @@ class RetNetService final : public RawRetNetService {
   const ApiKeys* const keys_;
   const ServiceOptions options_;
   std::atomic<bool> draining_{false};
+  const std::unique_ptr<Executor> control_;  // last: stopped first
 };
 
 }  // namespace retnet::server

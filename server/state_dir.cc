@@ -7,6 +7,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -143,7 +144,8 @@ void RemoveStaleTemporaries(const std::string& dir) {
     if (stale && ::unlink(path.c_str()) == 0) ++removed;
   }
   ::closedir(d);
-  if (removed > 0) spdlog::info("state dir {}: removed {} temporary files left by crashed writers", dir, removed);
+  if (removed > 0)
+    spdlog::info("state dir {}: removed {} temporary files left by crashed writers", dir, removed);
 }
 
 }  // namespace
@@ -189,7 +191,8 @@ absl::Status StateDirectory::Prepare(const std::string& dir) {
     return absl::InvalidArgumentError(absl::StrCat("state dir ", dir, ": ", why));
   };
   if (dir.empty()) return bad("empty path");
-  if (const int e = MakeDirs(dir); e != 0) return bad(absl::StrCat("cannot create: ", ErrnoText(e)));
+  if (const int e = MakeDirs(dir); e != 0)
+    return bad(absl::StrCat("cannot create: ", ErrnoText(e)));
   struct stat st;
   if (::stat(dir.c_str(), &st) != 0) return bad(ErrnoText(errno));
   if (!S_ISDIR(st.st_mode)) return bad("not a directory");
@@ -201,34 +204,79 @@ absl::Status StateDirectory::Prepare(const std::string& dir) {
   const int fd = ::open(probe.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) return bad(absl::StrCat("not writable: ", ErrnoText(errno)));
   ::close(fd);
-  if (::unlink(probe.c_str()) != 0) return bad(absl::StrCat("cannot remove files: ", ErrnoText(errno)));
+  if (::unlink(probe.c_str()) != 0)
+    return bad(absl::StrCat("cannot remove files: ", ErrnoText(errno)));
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::unique_ptr<StateDirectory>> StateDirectory::Open(std::string dir, bool shared,
+absl::StatusOr<std::unique_ptr<StateDirectory>> StateDirectory::Open(std::string dir,
+                                                                     StateDirectoryOptions options,
                                                                      engine::Engine* engine) {
   absl::Status ready = Prepare(dir);
   if (!ready.ok()) return ready;
   RemoveStaleTemporaries(dir);
-  return std::unique_ptr<StateDirectory>(new StateDirectory(std::move(dir), shared, engine));
+  return std::unique_ptr<StateDirectory>(
+      new StateDirectory(std::move(dir), std::move(options), engine));
 }
 
-StateDirectory::StateDirectory(std::string dir, bool shared, engine::Engine* engine)
+// Holds one session's lock; see the header. The analysis cannot name a lock looked up at run
+// time, so the guard is the proof instead: the functions that need the lock take one.
+class StateDirectory::SessionGuard {
+ public:
+  SessionGuard(StateDirectory* dir, std::string id) ABSL_NO_THREAD_SAFETY_ANALYSIS
+      : dir_(dir),
+        id_(std::move(id)),
+        name_(SnapshotFileName(id_)) {
+    {
+      absl::MutexLock lock(&dir_->locks_mu_);
+      std::unique_ptr<SessionLock>& slot = dir_->locks_[name_];
+      if (!slot) slot = std::make_unique<SessionLock>();
+      lock_ = slot.get();
+      ++lock_->users;
+    }
+    lock_->mu.Lock();
+  }
+  ~SessionGuard() ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    lock_->mu.Unlock();
+    absl::MutexLock lock(&dir_->locks_mu_);
+    if (--lock_->users == 0) dir_->locks_.erase(name_);
+  }
+  SessionGuard(const SessionGuard&) = delete;
+  SessionGuard& operator=(const SessionGuard&) = delete;
+
+  const std::string& id() const { return id_; }
+  const std::string& name() const { return name_; }  // the snapshot's file name
+
+ private:
+  StateDirectory* const dir_;
+  const std::string id_;
+  const std::string name_;
+  SessionLock* lock_ = nullptr;
+};
+
+StateDirectory::StateDirectory(std::string dir, StateDirectoryOptions options,
+                               engine::Engine* engine)
     : dir_(std::move(dir)),
-      shared_(shared),
+      shared_(options.shared),
       engine_(engine),
-      tmp_prefix_(absl::StrCat(dir_, "/", kTmpPrefix, NodeTag(), ".", ::getpid(), ".")) {
-  writer_ = std::thread([this] { WriterLoop(); });
+      tmp_prefix_(absl::StrCat(dir_, "/", kTmpPrefix, NodeTag(), ".", ::getpid(), ".")),
+      on_save_(std::move(options.on_save)) {
+  const int n = std::max(1, options.writers);
+  writers_.reserve(n);
+  for (int i = 0; i < n; ++i) writers_.emplace_back([this] { WriterLoop(); });
 }
 
 StateDirectory::~StateDirectory() { StopWriter(); }
 
 void StateDirectory::StopWriter() {
+  absl::MutexLock stop(&stop_mu_);
   {
     absl::MutexLock lock(&queue_mu_);
     stopping_ = true;
   }
-  if (writer_.joinable()) writer_.join();
+  for (std::thread& t : writers_) {
+    if (t.joinable()) t.join();
+  }
 }
 
 std::optional<StateDirectory::Stamp> StateDirectory::StatFile(const std::string& name) const {
@@ -247,13 +295,13 @@ std::optional<StateDirectory::Stamp> StateDirectory::StatFile(const std::string&
   return s;
 }
 
-absl::Status StateDirectory::LoadLocked(const std::string& id) {
-  const std::string name = SnapshotFileName(id);
+absl::Status StateDirectory::Load(const SessionGuard& g) {
+  const std::string& name = g.name();
   const std::optional<Stamp> stamp = StatFile(name);
   if (!stamp) return absl::NotFoundError(absl::StrCat(name, ": no snapshot"));
   auto data = ReadFileToString(Path(name));
   if (!data.ok()) return absl::NotFoundError(absl::StrCat(name, ": no snapshot"));
-  auto info = engine_->RestoreSession(*data, id);
+  auto info = engine_->RestoreSession(*data, g.id());
   if (!info.ok()) {
     spdlog::warn("state dir: cannot restore {}: {}", name, std::string(info.status().message()));
     // Out of capacity is worth a retry; anything else (a corrupt file, another model's
@@ -265,41 +313,55 @@ absl::Status StateDirectory::LoadLocked(const std::string& id) {
         code, absl::StrCat("session_id: the stored snapshot ", name, " cannot be restored (",
                            info.status().message(), "); delete the session to start it over"));
   }
-  owned_[name] = Saved{*stamp, Version::Of(*info)};
-  failing_.erase(name);
+  {
+    absl::MutexLock lock(&mu_);
+    owned_[name] = Saved{*stamp, Version::Of(*info)};
+    failing_.erase(name);
+  }
   spdlog::info("restored session {} from {} (position {})", name, dir_, info->position);
   return absl::OkStatus();
 }
 
-absl::Status StateDirectory::SaveLocked(const std::string& id) {
+absl::Status StateDirectory::Save(const SessionGuard& g) {
   // The version is read before the snapshot is taken: a turn that ends in between makes the
   // file newer than the recorded version, so the next round writes it again (never the reverse).
-  auto info = engine_->GetSession(id);
+  auto info = engine_->GetSession(g.id());
   if (!info.ok()) return info.status();
   if (info->generating) {
-    return absl::FailedPreconditionError(absl::StrCat("session '", id, "' is generating"));
+    return absl::FailedPreconditionError(absl::StrCat("session '", g.id(), "' is generating"));
   }
-  auto snap = engine_->SnapshotSession(id);
+  auto snap = engine_->SnapshotSession(g.id());
   if (!snap.ok()) return snap.status();
-  const std::string name = SnapshotFileName(id);
+  const std::string& name = g.name();
   const std::string tmp = absl::StrCat(tmp_prefix_, ++tmp_counter_);
   absl::Status s = WriteFileAtomically(dir_, tmp, Path(name), *snap);
   if (!s.ok()) return absl::InternalError(absl::StrCat("writing ", name, ": ", s.message()));
-  if (std::optional<Stamp> stamp = StatFile(name)) {
-    owned_[name] = Saved{*stamp, Version::Of(*info)};
-  } else {
-    owned_.erase(name);  // renamed, then removed at once (another replica's delete)
+  const std::optional<Stamp> stamp = StatFile(name);
+  bool recovered = false;
+  {
+    absl::MutexLock lock(&mu_);
+    if (stamp) {
+      owned_[name] = Saved{*stamp, Version::Of(*info)};
+    } else {
+      owned_.erase(name);  // renamed, then removed at once (another replica's delete)
+    }
+    recovered = failing_.erase(name) > 0;
   }
-  if (failing_.erase(name) > 0) spdlog::info("state dir: {} saved again", name);
+  if (recovered) spdlog::info("state dir: {} saved again", name);
   return absl::OkStatus();
 }
 
-bool StateDirectory::RollBackLocked(const std::string& id) {
-  const std::string name = SnapshotFileName(id);
-  absl::Status deleted = engine_->DeleteSession(id);
-  if (!deleted.ok() && !absl::IsNotFound(deleted)) return false;  // generating again
+void StateDirectory::Disown(const std::string& name) {
+  absl::MutexLock lock(&mu_);
   owned_.erase(name);
-  absl::Status loaded = LoadLocked(id);
+}
+
+bool StateDirectory::RollBack(const SessionGuard& g) {
+  const std::string& name = g.name();
+  absl::Status deleted = engine_->DeleteSession(g.id());
+  if (!deleted.ok() && !absl::IsNotFound(deleted)) return false;  // generating again
+  Disown(name);
+  absl::Status loaded = Load(g);
   if (absl::IsNotFound(loaded)) {
     spdlog::warn("state dir: {} had no saved state; the session is removed", name);
   } else if (!loaded.ok()) {
@@ -309,8 +371,9 @@ bool StateDirectory::RollBackLocked(const std::string& id) {
   return true;
 }
 
-void StateDirectory::NoteFailureLocked(const std::string& name, const absl::Status& s) {
+void StateDirectory::NoteFailure(const std::string& name, const absl::Status& s) {
   std::string why(s.message());
+  absl::MutexLock lock(&mu_);
   auto it = failing_.find(name);
   if (it != failing_.end() && it->second == why) return;
   spdlog::error("state dir {}: snapshot of {} failed (its previous file is kept): {}", dir_, name,
@@ -318,29 +381,33 @@ void StateDirectory::NoteFailureLocked(const std::string& name, const absl::Stat
   failing_[name] = std::move(why);
 }
 
-bool StateDirectory::ChangedElsewhereLocked(const std::string& name) const {
+bool StateDirectory::ChangedElsewhere(const SessionGuard& g) const {
   if (!shared_) return false;
-  auto it = owned_.find(name);
-  if (it == owned_.end()) return false;  // never written or read here: nothing to compare
-  const std::optional<Stamp> now = StatFile(name);
-  return !now || !(*now == it->second.stamp);
+  Stamp last;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = owned_.find(g.name());
+    if (it == owned_.end()) return false;  // never written or read here: nothing to compare
+    last = it->second.stamp;
+  }
+  const std::optional<Stamp> now = StatFile(g.name());
+  return !now || !(*now == last);
 }
 
 int64_t StateDirectory::RestoreAll() {
-  absl::MutexLock lock(&mu_);
   int64_t restored = 0;
   for (const std::string& name : ListSnapshots(dir_)) {
     std::string id;
     if (!HexDecode(name.substr(0, name.size() - kSuffixLen), &id)) continue;
     // An unreadable file is not owned, so it stays on disk: a restart with the right model
     // may want it.
-    if (LoadLocked(id).ok()) ++restored;
+    SessionGuard g(this, id);
+    if (Load(g).ok()) ++restored;
   }
   return restored;
 }
 
 SaveReport StateDirectory::SaveAll() {
-  absl::MutexLock lock(&mu_);
   SaveReport report;
   std::set<std::string> present;
   for (const auto& info : engine_->ListSessions()) {
@@ -351,22 +418,28 @@ SaveReport StateDirectory::SaveAll() {
       ++report.busy;  // its previous file (if any) stays until a round after its turn
       continue;
     }
-    auto it = owned_.find(name);
-    if (it != owned_.end() && it->second.version == Version::Of(info)) {
+    SessionGuard g(this, info.id);
+    bool unchanged = false;
+    {
+      absl::MutexLock lock(&mu_);
+      auto it = owned_.find(name);
+      unchanged = it != owned_.end() && it->second.version == Version::Of(info);
+    }
+    if (unchanged) {
       // As on disk. (Shared: if another replica wrote it since, its file is newer still; the
       // next call here replaces this copy, see Sync.)
       ++report.unchanged;
       continue;
     }
-    if (ChangedElsewhereLocked(name)) {
+    if (ChangedElsewhere(g)) {
       // Another replica has served this session since: our copy is stale. Drop it rather
       // than overwrite the newer file.
       (void)engine_->DeleteSession(info.id);
-      owned_.erase(name);
+      Disown(name);
       --report.sessions;
       continue;
     }
-    absl::Status s = SaveLocked(info.id);
+    absl::Status s = Save(g);
     if (absl::IsNotFound(s)) {  // deleted meanwhile
       --report.sessions;
       continue;
@@ -377,20 +450,34 @@ SaveReport StateDirectory::SaveAll() {
       ++report.busy;  // a turn started meanwhile
     } else {
       ++report.failed;
-      NoteFailureLocked(name, s);
+      NoteFailure(name, s);
     }
   }
   // This server's sessions that are gone (expired or deleted): their files go too, unless
   // another replica has written them since.
-  for (auto it = owned_.begin(); it != owned_.end();) {
-    if (present.count(it->first) == 0) {
-      if (!ChangedElsewhereLocked(it->first)) std::remove(Path(it->first).c_str());
-      failing_.erase(it->first);
-      it = owned_.erase(it);
-    } else {
-      ++it;
+  std::vector<std::string> gone;
+  {
+    absl::MutexLock lock(&mu_);
+    for (const auto& [name, saved] : owned_) {
+      if (present.count(name) == 0) gone.push_back(name);
     }
   }
+  for (const std::string& name : gone) {
+    std::string id;
+    if (!HexDecode(name.substr(0, name.size() - kSuffixLen), &id)) continue;
+    SessionGuard g(this, id);
+    // Created, restored or saved again since the listing above: not gone.
+    if (engine_->GetSession(id).ok()) continue;
+    {
+      absl::MutexLock lock(&mu_);
+      if (owned_.count(name) == 0) continue;  // forgotten or rolled back meanwhile
+    }
+    if (!ChangedElsewhere(g)) std::remove(Path(name).c_str());
+    absl::MutexLock lock(&mu_);
+    failing_.erase(name);
+    owned_.erase(name);
+  }
+  absl::MutexLock lock(&mu_);
   for (auto it = failing_.begin(); it != failing_.end();) {
     it = present.count(it->first) == 0 ? failing_.erase(it) : std::next(it);
   }
@@ -400,18 +487,18 @@ SaveReport StateDirectory::SaveAll() {
 absl::Status StateDirectory::Sync(const std::string& id) {
   // Alone on the directory, a session the engine holds is current: no lock, no file access.
   if (!shared_ && engine_->GetSession(id).ok()) return absl::OkStatus();
-  absl::MutexLock lock(&mu_);
+  SessionGuard g(this, id);
   auto info = engine_->GetSession(id);
   if (absl::IsNotFound(info.status())) {
-    absl::Status s = LoadLocked(id);
+    absl::Status s = Load(g);
     return absl::IsNotFound(s) ? absl::OkStatus() : s;
   }
-  const std::string name = SnapshotFileName(id);
-  if (!info.ok() || info->generating || !ChangedElsewhereLocked(name)) return absl::OkStatus();
+  const std::string& name = g.name();
+  if (!info.ok() || info->generating || !ChangedElsewhere(g)) return absl::OkStatus();
   // Another replica saved (or deleted) this session after we last did: its state is newer.
   if (!engine_->DeleteSession(id).ok()) return absl::OkStatus();  // became busy: keep it
-  owned_.erase(name);
-  absl::Status s = LoadLocked(id);
+  Disown(name);
+  absl::Status s = Load(g);
   if (s.ok()) {
     spdlog::info("session {}: replaced a stale copy with the shared directory's", name);
   } else if (absl::IsNotFound(s)) {
@@ -422,18 +509,24 @@ absl::Status StateDirectory::Sync(const std::string& id) {
 }
 
 bool StateDirectory::Forget(const std::string& id) {
-  absl::MutexLock lock(&mu_);
-  const std::string name = SnapshotFileName(id);
-  owned_.erase(name);
-  failing_.erase(name);
-  return std::remove(Path(name).c_str()) == 0;
+  SessionGuard g(this, id);
+  {
+    absl::MutexLock lock(&mu_);
+    owned_.erase(g.name());
+    failing_.erase(g.name());
+  }
+  return std::remove(Path(g.name()).c_str()) == 0;
 }
 
 void StateDirectory::Persist(const std::string& id, std::function<void(absl::Status)> done) {
   {
     absl::MutexLock lock(&queue_mu_);
     if (!stopping_) {
-      queue_.emplace_back(id, std::move(done));
+      std::deque<Job>& jobs = pending_[id];
+      jobs.push_back(Job{id, ++queued_total_, std::move(done)});
+      if (on_save_) on_save_(id, queued_total_, SaveEvent::kQueued);
+      // A session a writer holds goes back to ready_ when that writer is done with it.
+      if (jobs.size() == 1 && writing_.count(id) == 0) ready_.push_back(id);
       return;
     }
   }
@@ -442,31 +535,36 @@ void StateDirectory::Persist(const std::string& id, std::function<void(absl::Sta
 
 void StateDirectory::WriterLoop() {
   while (true) {
-    std::pair<std::string, std::function<void(absl::Status)>> job;
-    absl::Status saved;
+    Job job;
     {
       absl::MutexLock lock(&queue_mu_);
       queue_mu_.Await(absl::Condition(
           +[](StateDirectory* self) ABSL_EXCLUSIVE_LOCKS_REQUIRED(self->queue_mu_) {
-            return self->stopping_ || !self->queue_.empty();
+            return self->stopping_ || !self->ready_.empty();
           },
           this));
-      if (queue_.empty()) return;  // stopping, and every queued save is done
-      job = std::move(queue_.front());
-      queue_.pop_front();
-      saving_ = true;
+      // Stopping, and no session is waiting for a writer: the sessions other writers hold come
+      // back to ready_ only from those writers, which then take them again.
+      if (ready_.empty()) return;
+      const std::string id = std::move(ready_.front());
+      ready_.pop_front();
+      auto it = pending_.find(id);
+      job = std::move(it->second.front());
+      it->second.pop_front();
+      writing_.insert(id);
     }
+    if (on_save_) on_save_(job.id, job.seq, SaveEvent::kBegin);
+    absl::Status saved;
     {
-      absl::MutexLock lock(&mu_);
-      absl::Status s = SaveLocked(job.first);
+      SessionGuard g(this, job.id);
+      absl::Status s = Save(g);
       // NOT_FOUND: deleted meanwhile; FAILED_PRECONDITION: its next turn already started and
       // will save it when it ends.
       if (!s.ok() && !absl::IsNotFound(s) && !absl::IsFailedPrecondition(s)) {
         // The file still holds the last acknowledged state: put the session back to it, so
         // that the caller's error means "this did not happen" here and on every replica.
-        const std::string name = SnapshotFileName(job.first);
-        const bool rolled_back = RollBackLocked(job.first);
-        spdlog::error("write-through save of {} failed ({}): {}", name,
+        const bool rolled_back = RollBack(g);
+        spdlog::error("write-through save of {} failed ({}): {}", g.name(),
                       rolled_back ? "rolled back to its previous file" : "not rolled back: busy",
                       std::string(s.message()));
         saved = absl::UnavailableError(
@@ -474,18 +572,24 @@ void StateDirectory::WriterLoop() {
                          rolled_back ? "; the session is back at its last saved state" : ""));
       }
     }
-    job.second(saved);
+    job.done(saved);
+    if (on_save_) on_save_(job.id, job.seq, SaveEvent::kEnd);
     absl::MutexLock lock(&queue_mu_);
-    saving_ = false;
+    writing_.erase(job.id);
+    auto it = pending_.find(job.id);
+    if (it->second.empty()) {
+      pending_.erase(it);
+    } else {
+      ready_.push_back(job.id);  // its next save, behind the sessions already waiting
+    }
   }
 }
 
 void StateDirectory::Flush() {
   absl::MutexLock lock(&queue_mu_);
   queue_mu_.Await(absl::Condition(
-      +[](StateDirectory* self) ABSL_EXCLUSIVE_LOCKS_REQUIRED(self->queue_mu_) {
-        return self->queue_.empty() && !self->saving_;
-      },
+      +[](StateDirectory* self)
+           ABSL_EXCLUSIVE_LOCKS_REQUIRED(self->queue_mu_) { return self->pending_.empty(); },
       this));
 }
 

@@ -21,7 +21,7 @@
 //
 // Shared by replicas (shared = true):
 //  - a session is restored where it is next used (Sync), not at start;
-//  - every turn is saved before its end is sent (write-through, on the writer thread), so the
+//  - every turn is saved before its end is sent (write-through, on a writer thread), so the
 //    file is always the session's latest acknowledged state when a gateway moves it;
 //  - a failed write-through is an error for its caller (UNAVAILABLE, "not saved to the state
 //    directory: <reason>"), and the session is rolled back: the engine's copy is replaced by the
@@ -44,26 +44,38 @@
 // yet) and, whatever their name, those older than an hour (other nodes' leftovers); a live
 // replica's temporary files on this node are kept.
 //
-// Threading: every method is thread-safe; Persist() returns at once and calls `done` from the
+// Writers and locks. Queued saves (Persist) run on `writers` threads (default 2). Each session
+// has its own FIFO of saves: a writer takes a session, runs its oldest save and gives the
+// session back, so two saves of one session never run at once and always run in the order
+// they were queued, while saves of different sessions run in parallel. Every read or write of
+// one session's file (restore, sync, save, rollback, forget) holds that session's lock, and
+// only that one: restoring session A never waits behind a write of session B. The bookkeeping
+// (owned_, failing_) has its own short lock, never held across disk or engine calls.
+//
+// Threading: every method is thread-safe; Persist() returns at once and calls `done` from a
 // writer thread. The engine must outlive this object, and StopWriter() must run before it goes.
 #ifndef RETNET_SERVER_STATE_DIR_H_
 #define RETNET_SERVER_STATE_DIR_H_
 
+#include <atomic>
 #include <cstdint>
 #include <deque>
 #include <functional>
 #include <map>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <thread>
 #include <utility>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "engine/engine.h"
+#include "server/server.h"
 #include "server/service.h"
 
 namespace retnet::server {
@@ -81,6 +93,20 @@ struct SaveReport {
   int64_t saved() const { return written + unchanged; }
 };
 
+// What a queued save (Persist) goes through, for SaveHook (server/server.h declares it).
+enum class SaveEvent : int {
+  kQueued,  // Persist() queued it (called with the queue's lock held: the hook must not call in)
+  kBegin,   // a writer took it (before the session's lock)
+  kEnd,     // its `done` has returned; the session's next save may start
+};
+
+struct StateDirectoryOptions {
+  bool shared = false;  // replicas share the directory (see above)
+  int writers = 2;      // threads running queued saves (at least 1)
+  // For tests, may be empty: sees every queued save, numbered in queue order.
+  SaveHook on_save;
+};
+
 class StateDirectory final : public SessionStore {
  public:
   // Creates `dir` (and its parents) if needed and checks that it is a directory this process
@@ -88,7 +114,8 @@ class StateDirectory final : public SessionStore {
   // one line naming the path and the reason.
   static absl::Status Prepare(const std::string& dir);
   // Prepare(), then removes the temporary files that crashed writers left (see above).
-  static absl::StatusOr<std::unique_ptr<StateDirectory>> Open(std::string dir, bool shared,
+  static absl::StatusOr<std::unique_ptr<StateDirectory>> Open(std::string dir,
+                                                              StateDirectoryOptions options,
                                                               engine::Engine* engine);
   ~StateDirectory() override;
 
@@ -99,7 +126,7 @@ class StateDirectory final : public SessionStore {
   SaveReport SaveAll();
   // Waits until every queued save is done (their `done` callbacks included).
   void Flush();
-  // Finishes the queued saves and stops the writer thread. Idempotent.
+  // Finishes the queued saves and stops the writer threads. Idempotent.
   void StopWriter();
 
   absl::Status Sync(const std::string& id) override;
@@ -136,41 +163,65 @@ class StateDirectory final : public SessionStore {
     Version version;
   };
 
-  StateDirectory(std::string dir, bool shared, engine::Engine* engine);
+  // Holds session `id`'s lock (see the file comment) for its lifetime; the functions below that
+  // take one touch only that session's file and engine copy. Lock order: a session's lock, then
+  // mu_; never the other way round, and never two session locks at once.
+  class SessionGuard;
+  struct SessionLock {
+    absl::Mutex mu;
+    int users = 0;  // guards holding or waiting for `mu` (under locks_mu_)
+  };
+  struct Job {
+    std::string id;
+    int64_t seq = 0;  // queue order, for the hook
+    std::function<void(absl::Status)> done;
+  };
+
+  StateDirectory(std::string dir, StateDirectoryOptions options, engine::Engine* engine);
   std::string Path(const std::string& name) const { return dir_ + "/" + name; }
   std::optional<Stamp> StatFile(const std::string& name) const;
-  // Restores session `id` from its file; records the file's stamp. NOT_FOUND: no file.
-  absl::Status LoadLocked(const std::string& id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Snapshots session `id` into its file; records the new stamp and version. On failure the
+  // Restores the session from its file; records the file's stamp. NOT_FOUND: no file.
+  absl::Status Load(const SessionGuard& g);
+  // Snapshots the session into its file; records the new stamp and version. On failure the
   // previous file and record are untouched. FAILED_PRECONDITION: generating.
-  absl::Status SaveLocked(const std::string& id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status Save(const SessionGuard& g);
   // After a failed write-through: puts the engine's copy back to the file's state (or removes
   // it when there is no file). False when it could not (the session is generating again).
-  bool RollBackLocked(const std::string& id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  bool RollBack(const SessionGuard& g);
+  // Shared: another replica saved or deleted the session's file after we last wrote or read it.
+  bool ChangedElsewhere(const SessionGuard& g) const;
+  void Disown(const std::string& name);
   // Logs a failed save of `name` unless the same failure was logged last time.
-  void NoteFailureLocked(const std::string& name, const absl::Status& s)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Shared: another replica saved or deleted `name` after we last wrote or read it.
-  bool ChangedElsewhereLocked(const std::string& name) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void NoteFailure(const std::string& name, const absl::Status& s);
   void WriterLoop();
 
   const std::string dir_;
   const bool shared_;
   engine::Engine* const engine_;
   const std::string tmp_prefix_;  // "<dir>/.tmp.<node>.<pid>."
+  const SaveHook on_save_;
+  std::atomic<int64_t> tmp_counter_{0};
 
+  // The bookkeeping; held only around map accesses.
   mutable absl::Mutex mu_;
   // Files of the sessions this server held, as of its last write or read of each.
   std::map<std::string, Saved> owned_ ABSL_GUARDED_BY(mu_);
   // Sessions whose last save failed, with the reason logged.
   std::map<std::string, std::string> failing_ ABSL_GUARDED_BY(mu_);
-  int64_t tmp_counter_ ABSL_GUARDED_BY(mu_) = 0;
 
+  // The per-session locks, created on first use and dropped when no guard uses them.
+  absl::Mutex locks_mu_;
+  std::map<std::string, std::unique_ptr<SessionLock>> locks_ ABSL_GUARDED_BY(locks_mu_);
+
+  // The queued saves: a FIFO per session, and the sessions that have some and no writer.
   absl::Mutex queue_mu_;
-  std::deque<std::pair<std::string, std::function<void(absl::Status)>>> queue_ ABSL_GUARDED_BY(queue_mu_);
+  std::map<std::string, std::deque<Job>> pending_ ABSL_GUARDED_BY(queue_mu_);
+  std::deque<std::string> ready_ ABSL_GUARDED_BY(queue_mu_);
+  std::set<std::string> writing_ ABSL_GUARDED_BY(queue_mu_);  // a writer holds one of its saves
   bool stopping_ ABSL_GUARDED_BY(queue_mu_) = false;
-  bool saving_ ABSL_GUARDED_BY(queue_mu_) = false;  // the writer holds a job
-  std::thread writer_;
+  int64_t queued_total_ ABSL_GUARDED_BY(queue_mu_) = 0;
+  std::vector<std::thread> writers_;
+  absl::Mutex stop_mu_;  // serializes StopWriter() callers
 };
 
 // Session ids may hold '/' (key tags): file names use hex.

@@ -12,6 +12,7 @@
 #include <unistd.h>
 #include <utime.h>
 
+#include <atomic>
 #include <fstream>
 #include <map>
 #include <memory>
@@ -23,9 +24,12 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "retnet/v1/retnet.grpc.pb.h"
+#include "server/executor.h"
+#include "server/state_dir.h"
 
 namespace retnet::server {
 namespace {
@@ -325,6 +329,117 @@ TEST_F(ServerTest, SessionManagementRpcs) {
   v1::DetokenizeResponse text;
   ASSERT_TRUE(client_->stub()->Detokenize(&c8, detok, &text).ok());
   EXPECT_EQ(text.text(), "Hi");
+}
+
+TEST(ExecutorTest, BoundedQueueRefusesWhenFullAndShutdownDrains) {
+  Executor ex("test", /*threads=*/1, /*max_queued=*/1);
+  absl::Notification started, release;
+  std::atomic<int> ran{0};
+  ASSERT_TRUE(ex.Submit([&] {
+                  started.Notify();
+                  release.WaitForNotificationWithTimeout(absl::Seconds(60));
+                  ++ran;
+                }).ok());
+  ASSERT_TRUE(started.WaitForNotificationWithTimeout(absl::Seconds(60)));
+  ASSERT_TRUE(ex.Submit([&] { ++ran; }).ok());  // waits: the only thread is busy
+  const absl::Status full = ex.Submit([&] { ++ran; });
+  EXPECT_EQ(full.code(), absl::StatusCode::kResourceExhausted) << full;
+  EXPECT_NE(full.message().find("queued"), absl::string_view::npos) << full;
+  release.Notify();
+  ex.Shutdown();
+  EXPECT_EQ(ran.load(), 2);  // the queued item ran before the threads stopped
+  EXPECT_EQ(ex.Submit([] {}).code(), absl::StatusCode::kUnavailable);
+}
+
+// Write-through with two writers: three saves of session "x" are queued while the first is held
+// in the writer; they must run one at a time and in queue order, while session "y" is written
+// by the other writer meanwhile (in parallel). Fails on a writer that takes a session another
+// writer holds, on a session's saves out of order, and on writers that do not run in parallel.
+TEST(StateDirWritersTest, OneSessionInOrderOtherSessionsInParallel) {
+  struct Event {
+    std::string id;
+    int64_t seq;
+    SaveEvent event;
+  };
+  absl::Mutex mu;
+  std::vector<Event> events;
+  std::map<std::string, int> queued;
+  absl::Notification x_first_begun, x_three_queued, y_begun;
+  ServerOptions o = LocalOptions();
+  o.state_dir = TempDir("writers");
+  o.state_dir_shared = true;
+  o.state_dir_writers = 2;
+  o.on_state_dir_save = [&](const std::string& id, int64_t seq, SaveEvent event) {
+    bool hold = false;
+    {
+      absl::MutexLock lock(&mu);
+      events.push_back({id, seq, event});
+      if (event == SaveEvent::kQueued && ++queued[id] == 3 && id == "x") x_three_queued.Notify();
+      if (event == SaveEvent::kBegin && id == "y" && !y_begun.HasBeenNotified()) y_begun.Notify();
+      if (event == SaveEvent::kBegin && id == "x" && !x_first_begun.HasBeenNotified()) {
+        x_first_begun.Notify();
+        hold = true;
+      }
+    }
+    if (hold) {  // bounded: a broken server fails the checks below instead of hanging
+      x_three_queued.WaitForNotificationWithTimeout(absl::Seconds(60));
+      y_begun.WaitForNotificationWithTimeout(absl::Seconds(60));
+    }
+  };
+  auto s = Server::Start(o);
+  ASSERT_TRUE(s.ok()) << s.status();
+  std::unique_ptr<Server> server = std::move(s).value();
+  Client client(server->port());
+  auto create = [&client](const std::string& id) {
+    grpc::ClientContext ctx;
+    client.Prepare(&ctx);
+    v1::CreateSessionRequest req;
+    req.set_session_id(id);
+    v1::Session session;
+    return client.stub()->CreateSession(&ctx, req, &session);
+  };
+  grpc::Status created_x, created_y;
+  Result turn1, turn2;
+  std::thread a([&] { created_x = create("x"); });  // save 1 of x: held in the writer
+  ASSERT_TRUE(x_first_begun.WaitForNotificationWithTimeout(absl::Seconds(60)));
+  // Save 2 of x: a turn on x (its Final waits for the save).
+  std::thread b([&] { turn1 = client.Generate(Greedy("x", "In the", 4)); });
+  {
+    absl::MutexLock lock(&mu);
+    auto two = [&queued] { return queued["x"] >= 2; };
+    ASSERT_TRUE(mu.AwaitWithTimeout(absl::Condition(&two), absl::Seconds(60)));
+  }
+  // Save 3 of x: the session is idle again (only the first turn's Final waits), so a second
+  // turn runs and queues its save too.
+  std::thread c([&] { turn2 = client.Generate(Greedy("x", " beginning", 4)); });
+  ASSERT_TRUE(x_three_queued.WaitForNotificationWithTimeout(absl::Seconds(60)));
+  // Another session is saved by the other writer while x's first save is still held.
+  created_y = create("y");
+  a.join();
+  b.join();
+  c.join();
+  EXPECT_TRUE(created_x.ok()) << created_x.error_message();
+  EXPECT_TRUE(created_y.ok()) << created_y.error_message();
+  EXPECT_TRUE(turn1.status.ok()) << turn1.status.error_message();
+  EXPECT_TRUE(turn2.status.ok()) << turn2.status.error_message();
+
+  absl::MutexLock lock(&mu);
+  std::vector<int64_t> x_queued, x_order;
+  int x_running = 0;
+  bool y_during_x = false;
+  for (const Event& e : events) {
+    if (e.id == "x" && e.event == SaveEvent::kQueued) x_queued.push_back(e.seq);
+    if (e.id == "x" && e.event == SaveEvent::kBegin) {
+      EXPECT_EQ(x_running, 0) << "two saves of one session ran at once (seq " << e.seq << ")";
+      ++x_running;
+      x_order.push_back(e.seq);
+    }
+    if (e.id == "x" && e.event == SaveEvent::kEnd) --x_running;
+    if (e.id == "y" && e.event == SaveEvent::kBegin && x_running > 0) y_during_x = true;
+  }
+  EXPECT_EQ(x_queued.size(), 3u);
+  EXPECT_EQ(x_order, x_queued) << "a session's saves ran out of queue order";
+  EXPECT_TRUE(y_during_x) << "session y was not written while x's save was in progress";
 }
 
 TEST(ServerExportImportTest, SnapshotMovesBetweenServersInChunks) {
