@@ -3,6 +3,7 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <c10/core/InferenceMode.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -11,6 +12,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/status_macros.h"
+#include "common/strings.h"
+#include "model/cpu_step.h"
 #ifdef RETNET_WITH_CUDA
 #include "model/cuda/retention_cuda.h"
 #endif
@@ -111,28 +114,18 @@ bool EnvIsZero(const char* name) {
   return v != nullptr && std::strcmp(v, "0") == 0;
 }
 
-// c10::Error::what() appends a backtrace after the first line; keep the message only.
-std::string FirstLine(const char* text) {
-  std::string s(text);
-  const size_t nl = s.find('\n');
-  return nl == std::string::npos ? s : s.substr(0, nl);
-}
+using common::FirstLine;  // c10::Error::what() appends a backtrace after the first line
 
 std::string ShapeString(at::IntArrayRef shape) {
   return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
 }
 
 uint64_t Fnv1a(const void* data, size_t n, uint64_t hash) {
-  const auto* p = static_cast<const unsigned char*>(data);
-  for (size_t i = 0; i < n; ++i) {
-    hash ^= p[i];
-    hash *= 1099511628211ull;
-  }
-  return hash;
+  return common::Fnv1a(std::string_view(static_cast<const char*>(data), n), hash);
 }
 
 uint64_t Fingerprint(const ModelConfig& config, const ModelWeights& weights) {
-  uint64_t h = 14695981039346656037ull;
+  uint64_t h = common::kFnv1aOffset;
   const std::string summary = config.Summary();
   h = Fnv1a(summary.data(), summary.size(), h);
   for (const auto& [name, t] : weights.tensors) {  // std::map: sorted, deterministic
@@ -240,11 +233,14 @@ absl::StatusOr<std::unique_ptr<RetNet>> RetNet::Create(ModelConfig config, Model
   const ModelConfig& c = net->config_;
   ModelOptions::Path path = options.path;
   if (path == ModelOptions::Path::kAuto) {
-    path = options.device.is_cuda() && CudaKernelsCompiled() && !EnvIsZero("RETNET_FUSED_RETENTION")
-               ? ModelOptions::Path::kFast
-               : ModelOptions::Path::kReference;
+    const bool fast = options.device.is_cuda()
+                          ? CudaKernelsCompiled() && !EnvIsZero("RETNET_FUSED_RETENTION")
+                          : options.device.is_cpu() && !EnvIsZero("RETNET_CPU_FAST_PATH");
+    path = fast ? ModelOptions::Path::kFast : ModelOptions::Path::kReference;
   }
   net->fast_prefill_ = path == ModelOptions::Path::kFast;
+  const bool cpu_step =
+      net->fast_prefill_ && options.device.is_cpu() && options.dtype == at::kFloat;
   net->fused_step_ = net->fast_prefill_ && options.device.is_cuda() && CudaKernelsCompiled();
 #ifdef RETNET_WITH_CUDA
   if (net->fused_step_ && !cuda::KernelsRunnable(options.device)) {
@@ -301,7 +297,7 @@ absl::StatusOr<std::unique_ptr<RetNet>> RetNet::Create(ModelConfig config, Model
       }
       layer.log_decay = b.log_decay.to(options.device, at::kFloat).contiguous();
       layer.theta = b.theta.to(options.device, at::kFloat).contiguous();
-      if (net->fused_step_) {
+      if (net->fused_step_ || cpu_step) {
         // One GEMM for q|k|v|g (and for act|lin); the separate weights become row views.
         auto fuse = [](std::vector<Linear*> parts) {
           std::vector<at::Tensor> ws, bs;
@@ -335,6 +331,7 @@ absl::StatusOr<std::unique_ptr<RetNet>> RetNet::Create(ModelConfig config, Model
     return absl::InternalError(
         absl::StrCat("moving weights to the device failed: ", FirstLine(e.what())));
   }
+  if (cpu_step) net->cpu_weights_ = net->MakeCpuWeights();
 #ifdef RETNET_WITH_CUDA
   if (net->fused_step_ && options.cuda_graphs && c.is_language_model() &&
       !EnvIsZero("RETNET_CUDA_GRAPHS")) {
@@ -636,27 +633,156 @@ absl::StatusOr<at::Tensor> RetNet::Step(const at::Tensor& input, const at::Tenso
   }
   c10::InferenceMode guard;
   try {
-#ifdef RETNET_WITH_CUDA
-    if (fused_step_) {
-      // Streams, graph buffers and capture follow the current device: make it the model's.
-      const c10::DeviceGuard device_guard(options_.device);
-      float* base = state.data_ptr<float>();
-      const int64_t layer_stride = state.stride(0), slot_stride = state.stride(1);
-      if (graphs_ != nullptr && cuda::StepGraphCache::Bucket(batch) > 0) {
-        return graphs_->Run(
-            input, positions, {reinterpret_cast<uintptr_t>(base), layer_stride, slot_stride},
-            [&](const at::Tensor& tokens, const at::Tensor& pos, const at::Tensor& slots) {
-              return FusedStep(tokens, pos, base, layer_stride, slot_stride, slots);
-            });
-      }
-      return FusedStep(input, positions.to(options_.device).contiguous(), base, layer_stride,
-                       slot_stride, at::Tensor());
-    }
-#endif
-    return ReferenceStep(input, positions, state);
+    return StepRows(input, positions, state, nullptr);
   } catch (const std::exception& e) {
     return absl::InternalError(absl::StrCat("recurrent step failed: ", FirstLine(e.what())));
   }
+}
+
+absl::StatusOr<at::Tensor> RetNet::Step(const at::Tensor& input, const at::Tensor& positions,
+                                        const at::Tensor& pool,
+                                        const std::vector<int64_t>& slots) const {
+  RETURN_IF_ERROR(CheckInput(input, 1));
+  const int64_t batch = input.size(0);
+  if (!pool.defined() || pool.dim() != 5) {
+    return absl::InvalidArgumentError("pool: expected [num_layers, slots, H, d_k, d_v]");
+  }
+  const int64_t capacity = pool.size(1);
+  RETURN_IF_ERROR(CheckState(pool, capacity));
+  if (positions.scalar_type() != at::kLong || positions.dim() != 1 || positions.size(0) != batch) {
+    return absl::InvalidArgumentError(absl::StrCat("positions: expected int64 [", batch, "]"));
+  }
+  if (static_cast<int64_t>(slots.size()) != batch) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("slots: ", slots.size(), " entries for a batch of ", batch));
+  }
+  bool identity = true;
+  for (int64_t b = 0; b < batch; ++b) {
+    if (slots[b] < 0 || slots[b] >= capacity) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("slots[", b, "]: ", slots[b], " is outside [0, ", capacity, ")"));
+    }
+    identity = identity && slots[b] == b;
+  }
+  if (!identity && batch > 1) {
+    std::vector<int64_t> sorted(slots);
+    std::sort(sorted.begin(), sorted.end());
+    if (std::adjacent_find(sorted.begin(), sorted.end()) != sorted.end()) {
+      return absl::InvalidArgumentError("slots: every row needs its own slot");
+    }
+  }
+  c10::InferenceMode guard;
+  try {
+    if (identity) return StepRows(input, positions, pool.narrow(1, 0, batch), nullptr);
+    return StepRows(input, positions, pool, &slots);
+  } catch (const std::exception& e) {
+    return absl::InternalError(absl::StrCat("recurrent step failed: ", FirstLine(e.what())));
+  }
+}
+
+at::Tensor RetNet::StepRows(const at::Tensor& input, const at::Tensor& positions,
+                            const at::Tensor& state, const std::vector<int64_t>* slots) const {
+  if (cpu_weights_ != nullptr) return CpuStep(input, positions, state, slots);
+#ifdef RETNET_WITH_CUDA
+  if (fused_step_) {
+    // Streams, graph buffers and capture follow the current device: make it the model's.
+    const c10::DeviceGuard device_guard(options_.device);
+    float* base = state.data_ptr<float>();
+    const int64_t layer_stride = state.stride(0), slot_stride = state.stride(1);
+    at::Tensor slot_ids;
+    if (slots != nullptr) {
+      slot_ids = at::tensor(*slots, at::kLong).to(at::kInt).to(options_.device, /*non_blocking=*/true);
+    }
+    if (graphs_ != nullptr && cuda::StepGraphCache::Bucket(input.size(0)) > 0) {
+      return graphs_->Run(
+          input, positions, {reinterpret_cast<uintptr_t>(base), layer_stride, slot_stride},
+          [&](const at::Tensor& tokens, const at::Tensor& pos, const at::Tensor& rows) {
+            return FusedStep(tokens, pos, base, layer_stride, slot_stride, rows);
+          },
+          slot_ids);
+    }
+    return FusedStep(input, positions.to(options_.device).contiguous(), base, layer_stride,
+                     slot_stride, slot_ids);
+  }
+#endif
+  if (slots == nullptr) return ReferenceStep(input, positions, state);
+  // Reference path on scattered slots: gather the rows, step them, scatter them back.
+  const at::Tensor index = at::tensor(*slots, at::kLong).to(options_.device);
+  at::Tensor rows = state.index_select(1, index);
+  at::Tensor out = ReferenceStep(input, positions, rows);
+  state.index_copy_(1, index, rows);
+  return out;
+}
+
+std::shared_ptr<cpu::StepWeights> RetNet::MakeCpuWeights() const {
+  auto ptr = [](const at::Tensor& t) -> const float* {
+    return t.defined() ? t.data_ptr<float>() : nullptr;
+  };
+  auto linear = [&](const Linear& l) {
+    cpu::Linear out;
+    if (!l.w.defined()) return out;
+    out.w = ptr(l.w);
+    out.b = ptr(l.b);
+    out.out = l.w.size(0);
+    out.in = l.w.size(1);
+    return out;
+  };
+  auto norm = [&](const Norm& n) { return cpu::Norm{ptr(n.w), ptr(n.b)}; };
+  auto w = std::make_shared<cpu::StepWeights>();
+  w->config = &config_;
+  w->embed = ptr(embed_);
+  w->lm_head = ptr(lm_head_);
+  w->embed_norm = norm(embed_norm_);
+  w->final_norm = norm(final_norm_);
+  for (const Layer& layer : layers_) {
+    cpu::LayerWeights lw;
+    lw.attn_norm = norm(layer.attn_norm);
+    lw.ffn_norm = norm(layer.ffn_norm);
+    lw.inner_norm = norm(layer.inner_norm);
+    lw.group_norm = cpu::Norm{ptr(layer.gn_w), ptr(layer.gn_b)};
+    lw.qkvg = linear(layer.qkvg);
+    lw.q = linear(layer.q);
+    lw.k = linear(layer.k);
+    lw.v = linear(layer.v);
+    lw.g = linear(layer.g);
+    lw.o = linear(layer.o);
+    lw.act_lin = linear(layer.act_lin);
+    lw.ffn_act = linear(layer.ffn_act);
+    lw.ffn_lin = linear(layer.ffn_lin);
+    lw.ffn_out = linear(layer.ffn_out);
+    for (const Linear& l : layer.mlp) lw.mlp.push_back(linear(l));
+    lw.log_decay = ptr(layer.log_decay);
+    lw.theta = ptr(layer.theta);
+    w->layers.push_back(std::move(lw));
+  }
+  return w;
+}
+
+at::Tensor RetNet::CpuStep(const at::Tensor& input, const at::Tensor& positions,
+                           const at::Tensor& state, const std::vector<int64_t>* slots) const {
+  const int64_t batch = input.size(0);
+  const at::Tensor pos = positions.to(at::kCPU).contiguous();
+  at::Tensor in = config_.is_language_model() ? input.to(at::kCPU).contiguous()
+                                              : input.to(at::kCPU, at::kFloat).contiguous();
+  at::Tensor out = at::empty(
+      {batch, config_.is_language_model() ? config_.vocab_size : config_.hidden_size}, at::kFloat);
+  std::shared_ptr<cpu::StepWorkspace> ws;
+  {
+    std::lock_guard<std::mutex> lock(workspace_mu_);
+    if (!workspaces_.empty()) {
+      ws = std::move(workspaces_.back());
+      workspaces_.pop_back();
+    }
+  }
+  if (ws == nullptr) ws = std::make_shared<cpu::StepWorkspace>();
+  cpu::RunStep(*cpu_weights_, batch,
+               config_.is_language_model() ? in.data_ptr<int64_t>() : nullptr,
+               config_.is_language_model() ? nullptr : in.data_ptr<float>(),
+               pos.data_ptr<int64_t>(), state.data_ptr<float>(), state.stride(0), state.stride(1),
+               slots != nullptr ? slots->data() : nullptr, out.data_ptr<float>(), ws.get());
+  std::lock_guard<std::mutex> lock(workspace_mu_);
+  workspaces_.push_back(std::move(ws));
+  return out;
 }
 
 at::Tensor RetNet::ReferenceStep(const at::Tensor& input, const at::Tensor& positions,

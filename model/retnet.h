@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -37,6 +38,10 @@ namespace retnet::model {
 namespace cuda {
 class StepGraphCache;  // model/cuda/retention_cuda.h
 }  // namespace cuda
+namespace cpu {
+struct StepWeights;  // model/cpu_step.h
+class StepWorkspace;
+}  // namespace cpu
 
 // Per-layer buffers: log decay log(gamma_h) [H] and rotary frequencies theta [d_k/2], fp32.
 struct LayerBuffers {
@@ -57,13 +62,16 @@ struct ModelOptions {
   at::Device device = at::kCPU;
   at::ScalarType dtype = at::kFloat;  // kFloat, kBFloat16 or kHalf
   // Which implementation runs Step and the chunkwise prefill (the function is the same):
-  //   kAuto       the fast path on a CUDA device when this build has the CUDA kernels
-  //               (RetNet::CudaKernelsCompiled()), the reference ops otherwise. The environment
-  //               variable RETNET_FUSED_RETENTION=0 turns kAuto into kReference.
-  //   kReference  always the eager reference ops (what every CPU build runs).
+  //   kAuto       the fast path: on a CUDA device when this build has the CUDA kernels
+  //               (RetNet::CudaKernelsCompiled()), on the CPU for float32 weights; the reference
+  //               ops otherwise. The environment variable RETNET_FUSED_RETENTION=0 turns kAuto
+  //               into kReference on CUDA, RETNET_CPU_FAST_PATH=0 on the CPU.
+  //   kReference  always the eager reference ops (kept for tests and as the baseline).
   //   kFast       the fast path wherever it exists: on CUDA the fused kernels (model/cuda/),
-  //               CUDA graphs and the batched chunkwise prefill; on CPU only the batched
-  //               chunkwise prefill (a composition of library calls, testable without a GPU).
+  //               CUDA graphs and the batched chunkwise prefill; on the CPU the batched
+  //               chunkwise prefill and, for float32 weights, the hand-written step
+  //               (model/cpu_step.h: GEMMs into preallocated buffers, one fused pass per
+  //               (session, head)); bfloat16/float16 CPU steps fall back to the reference.
   enum class Path { kAuto, kReference, kFast };
   Path path = Path::kAuto;
   // Fast path on CUDA: replay each decode step from a CUDA graph captured per power-of-two batch
@@ -94,6 +102,7 @@ class RetNet {
   const ModelConfig& config() const { return config_; }
   // Which paths this model runs (resolved from ModelOptions::path at creation).
   bool fused_step() const { return fused_step_; }
+  bool cpu_fast_step() const { return cpu_weights_ != nullptr; }
   bool fast_prefill() const { return fast_prefill_; }
   bool cuda_graphs() const { return graphs_ != nullptr; }
   const ModelOptions& options() const { return options_; }
@@ -125,6 +134,13 @@ class RetNet {
   // keep the hot path free of device syncs): token ids are in [0, vocab_size).
   absl::StatusOr<at::Tensor> Step(const at::Tensor& input, const at::Tensor& positions,
                                   const at::Tensor& state) const;
+
+  // Slot-indexed step: row b advances slot slots[b] of `pool` ([L, S, H, d_k, d_v] fp32, each
+  // slot's per-layer block contiguous), in place; the other slots are untouched. `slots` must
+  // be distinct and in [0, S) (checked: INVALID_ARGUMENT). This is what a serving engine calls:
+  // the decoding sessions keep their slots, nothing is packed or copied.
+  absl::StatusOr<at::Tensor> Step(const at::Tensor& input, const at::Tensor& positions,
+                                  const at::Tensor& pool, const std::vector<int64_t>& slots) const;
 
  private:
   struct Linear {
@@ -165,6 +181,12 @@ class RetNet {
                       int64_t chunk_size, Outputs outputs) const;
   at::Tensor ReferenceStep(const at::Tensor& input, const at::Tensor& positions,
                            const at::Tensor& state) const;
+  // Step on `state` rows slots[b] (or b when `slots` is null), after the checks.
+  at::Tensor StepRows(const at::Tensor& input, const at::Tensor& positions,
+                      const at::Tensor& state, const std::vector<int64_t>* slots) const;
+  std::shared_ptr<cpu::StepWeights> MakeCpuWeights() const;
+  at::Tensor CpuStep(const at::Tensor& input, const at::Tensor& positions, const at::Tensor& state,
+                     const std::vector<int64_t>* slots) const;
   // The fused decode step (model/cuda/; defined only in CUDA builds, RETNET_WITH_CUDA): layer
   // l's state rows are at state_base + l * layer_stride + slot * slot_stride, slot = slots[b]
   // (int32, -1 = padding) or b when `slots` is undefined. `positions` int64 [B] on the device.
@@ -184,6 +206,11 @@ class RetNet {
   // Captured decode steps (fast path on CUDA with graphs); shared_ptr so that the type stays
   // incomplete in builds without CUDA.
   std::shared_ptr<cuda::StepGraphCache> graphs_;
+  // CPU fast step (float32 on the CPU, path kFast or kAuto): raw views of the weights above, and
+  // idle workspaces (one is taken per call, so concurrent calls never share one).
+  std::shared_ptr<cpu::StepWeights> cpu_weights_;
+  mutable std::mutex workspace_mu_;
+  mutable std::vector<std::shared_ptr<cpu::StepWorkspace>> workspaces_;
 };
 
 }  // namespace retnet::model

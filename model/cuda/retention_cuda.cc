@@ -197,7 +197,8 @@ size_t StepGraphCache::size() const {
 }
 
 at::Tensor StepGraphCache::Run(const at::Tensor& tokens, const at::Tensor& positions,
-                               std::tuple<uintptr_t, int64_t, int64_t> key, const Body& body) {
+                               std::tuple<uintptr_t, int64_t, int64_t> key, const Body& body,
+                               const at::Tensor& slots) {
   const int64_t batch = tokens.size(0), bucket = Bucket(batch);
   TORCH_CHECK(bucket > 0, "step graph: batch ", batch, " beyond the largest bucket");
   std::lock_guard<std::mutex> lock(mu_);
@@ -248,7 +249,11 @@ at::Tensor StepGraphCache::Run(const at::Tensor& tokens, const at::Tensor& posit
   Entry& e = *it->second;
   e.tokens.narrow(0, 0, batch).copy_(tokens, /*non_blocking=*/true);
   e.positions.narrow(0, 0, batch).copy_(positions, /*non_blocking=*/true);
-  if (e.batch != batch) {
+  if (slots.defined()) {
+    e.slots.narrow(0, 0, batch).copy_(slots, /*non_blocking=*/true);
+    if (batch < bucket) e.slots.narrow(0, batch, bucket - batch).fill_(-1);
+    e.batch = -1;  // the identity rows are no longer in place
+  } else if (e.batch != batch) {
     e.slots.narrow(0, 0, batch).copy_(e.iota.narrow(0, 0, batch));
     if (batch < bucket) e.slots.narrow(0, batch, bucket - batch).fill_(-1);
     e.batch = batch;

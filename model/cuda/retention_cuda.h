@@ -76,10 +76,12 @@ class StepGraphCache {
   static int64_t Bucket(int64_t batch);
 
   // Replays (capturing on first use) the step for `tokens`/`positions` ([B] int64, any device);
-  // `key` identifies the state rows the body writes (its base pointer and strides). Returns a
+  // `key` identifies the state rows the body writes (its base pointer and strides); `slots`
+  // (int32 [B] on the device; undefined = rows 0..B-1) the state slot of each row. Returns a
   // fresh logits tensor [B, V].
   at::Tensor Run(const at::Tensor& tokens, const at::Tensor& positions,
-                 std::tuple<uintptr_t, int64_t, int64_t> key, const Body& body);
+                 std::tuple<uintptr_t, int64_t, int64_t> key, const Body& body,
+                 const at::Tensor& slots = at::Tensor());
 
   // Number of captured graphs (tests).
   size_t size() const;

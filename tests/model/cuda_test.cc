@@ -41,15 +41,17 @@ const Variant kVariants[] = {Variant::kFla, Variant::kTorchscale, Variant::kTorc
 
 TEST(FastPath, PathResolution) {
   const ModelConfig c = SmallConfig(Variant::kFla);
-  auto ref = Make(c, at::kCPU, at::kFloat, ModelOptions::Path::kAuto);
+  auto ref = Make(c, at::kCPU, at::kFloat, ModelOptions::Path::kReference);
   ASSERT_NE(ref, nullptr);
-  EXPECT_FALSE(ref->fused_step());  // CPU: the reference path, unchanged
+  EXPECT_FALSE(ref->fused_step());
   EXPECT_FALSE(ref->fast_prefill());
+  EXPECT_FALSE(ref->cpu_fast_step());
   EXPECT_FALSE(ref->cuda_graphs());
-  auto fast = Make(c, at::kCPU, at::kFloat, ModelOptions::Path::kFast);
+  auto fast = Make(c, at::kCPU, at::kFloat, ModelOptions::Path::kAuto);
   ASSERT_NE(fast, nullptr);
-  EXPECT_FALSE(fast->fused_step());  // no CPU kernels: only the prefill composition
+  EXPECT_FALSE(fast->fused_step());  // no CUDA kernels on the CPU: the CPU step and prefill
   EXPECT_TRUE(fast->fast_prefill());
+  EXPECT_TRUE(fast->cpu_fast_step());
 }
 
 // Batched chunkwise == the reference chunk loop, from a non-zero state at a non-zero position,
