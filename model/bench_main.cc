@@ -159,6 +159,8 @@ int RunJson(const RetNet& model, const JsonRun& run, const std::string& path) {
   json += "\"device\": \"" + model.options().device.str() + "\", ";
   json += "\"dtype\": \"" + std::string(c10::toString(model.options().dtype)) + "\", ";
   json += "\"fused_step\": " + std::string(model.fused_step() ? "true" : "false") + ", ";
+  json += "\"cpu_fast_step\": " + std::string(model.cpu_fast_step() ? "true" : "false") + ", ";
+  json += "\"threads\": " + std::to_string(at::get_num_threads()) + ", ";
   json += "\"fast_prefill\": " + std::string(model.fast_prefill() ? "true" : "false") + ", ";
   json += "\"cuda_graphs\": " + std::string(model.cuda_graphs() ? "true" : "false") + ", ";
   json += "\"state_bytes_per_session\": " + std::to_string(model.StateBytesPerSession()) + ", ";
@@ -180,10 +182,12 @@ int RunJson(const RetNet& model, const JsonRun& run, const std::string& path) {
       reps.push_back(std::chrono::duration<double>(Clock::now() - t0).count() /
                      static_cast<double>(run.steps));
     }
+    std::string rep_list;
+    for (double r : reps) rep_list += (rep_list.empty() ? "" : ", ") + Num(r);
     std::sort(reps.begin(), reps.end());
     const double step = reps[reps.size() / 2];
     json += (i ? ", " : "") + std::string("{\"batch\": ") + std::to_string(batch) +
-            ", \"step_s\": " + Num(step) +
+            ", \"step_s\": " + Num(step) + ", \"rep_step_s\": [" + rep_list + "]" +
             ", \"tokens_per_s\": " + Num(static_cast<double>(batch) / step) + "}";
     std::fprintf(stderr, "decode B=%lld: %.3f ms/step\n", static_cast<long long>(batch),
                  step * 1e3);
