@@ -167,8 +167,8 @@ def part_a(args, env, models):
         print(f"### {label}: {cpp['reference']['model']}")
         print(f"(key_dim {c['key_dim']}, value_dim {c['value_dim']}; state "
               f"{cpp['reference']['state_bytes_per_session'] / 1048576:.2f} MiB/session; "
-              f"N = {steps}; C++ fast path: fused_step={str(cpp['fast']['fused_step']).lower()}, "
-              f"auto: fused_step={str(cpp['auto']['fused_step']).lower()})\n")
+              f"N = {steps}; C++ fast path: cpu_fast_step={str(cpp['fast'].get('cpu_fast_step')).lower()}, "
+              f"auto: cpu_fast_step={str(cpp['auto'].get('cpu_fast_step')).lower()})\n")
         print("| B | C++ reference ms/step (tok/s) | C++ fast ms/step (tok/s) | eager PyTorch "
               "ms/step (tok/s) | fast / reference | reference / eager | fast / eager |")
         print("|---:|---:|---:|---:|---:|---:|---:|")
@@ -234,7 +234,7 @@ def part_b(args, env, a_default):
         server.stop()
     step = a_default["cpp"]["auto"]["step"]
     print(f"retnet-server (built-in model, CPU, float32 weights; the server's model path is auto "
-          f"= fused_step {str(a_default['cpp']['auto']['fused_step']).lower()}), "
+          f"= cpu_fast_step {str(a_default['cpp']['auto'].get('cpu_fast_step')).lower()}), "
           f"OMP_NUM_THREADS={THREADS}; retnet-client bench on the same 2 cores, closed loop, "
           f"8-token prompts, {out_tokens}-token outputs (ignore EOS), {args.b_requests_per_stream} "
           "requests per stream after one warm-up request per stream. Model step = (a)'s "
