@@ -170,11 +170,11 @@ SessionInfo Engine::Info(const Session& s) const {
 
 // A free slot, spilling the least recently used idle resident session to host if needed.
 absl::StatusOr<int64_t> Engine::AcquireSlot(bool swapping_in) {
-  for (int64_t i = slots_ - 1; i >= active_; --i) {
+  for (int64_t i = slots_ - 1; i >= 0; --i) {
     if (slot_owner_[i] == nullptr) return i;
   }
   Session* lru = nullptr;
-  for (int64_t i = active_; i < slots_; ++i) {
+  for (int64_t i = 0; i < slots_; ++i) {
     Session* s = slot_owner_[i];
     if (s != nullptr && !s->busy && (lru == nullptr || s->last_used < lru->last_used)) lru = s;
   }
@@ -203,35 +203,6 @@ absl::Status Engine::MakeResident(Session& s) {
   slot_owner_[slot] = &s;
   --spilled_;
   return absl::OkStatus();
-}
-
-void Engine::SwapSlots(int64_t a, int64_t b) {
-  if (a == b) return;
-  c10::InferenceMode guard;
-  Session* sa = slot_owner_[a];
-  Session* sb = slot_owner_[b];
-  if (sa != nullptr && sb != nullptr) {
-    at::Tensor tmp = SlotView(a).clone();
-    SlotView(a).copy_(SlotView(b));
-    SlotView(b).copy_(tmp);
-  } else if (sa != nullptr) {
-    SlotView(b).copy_(SlotView(a));
-  } else if (sb != nullptr) {
-    SlotView(a).copy_(SlotView(b));
-  }
-  std::swap(slot_owner_[a], slot_owner_[b]);
-  if (slot_owner_[a] != nullptr) slot_owner_[a]->slot = a;
-  if (slot_owner_[b] != nullptr) slot_owner_[b]->slot = b;
-}
-
-void Engine::MoveIntoActive(Session& s) {
-  SwapSlots(s.slot, active_);
-  ++active_;
-}
-
-void Engine::MoveOutOfActive(Session& s) {
-  SwapSlots(s.slot, active_ - 1);
-  --active_;
 }
 
 absl::StatusOr<Engine::Session*> Engine::NewSession(const std::string& requested) {

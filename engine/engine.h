@@ -233,9 +233,6 @@ class Engine {
   // grow the host population.
   absl::StatusOr<int64_t> AcquireSlot(bool swapping_in = false) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status MakeResident(Session& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void SwapSlots(int64_t a, int64_t b) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void MoveIntoActive(Session& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void MoveOutOfActive(Session& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   at::Tensor SlotView(int64_t slot) const;
   absl::StatusOr<Session*> NewSession(const std::string& id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   SessionInfo Info(const Session& s) const;
@@ -256,7 +253,7 @@ class Engine {
   bool started_ ABSL_GUARDED_BY(mu_) = false;
   std::map<std::string, std::unique_ptr<Session>> sessions_ ABSL_GUARDED_BY(mu_);
   std::vector<Session*> slot_owner_ ABSL_GUARDED_BY(mu_);  // nullptr = free
-  int64_t active_ ABSL_GUARDED_BY(mu_) = 0;                // slots [0, active_) are decoding
+  int64_t active_ ABSL_GUARDED_BY(mu_) = 0;                // number of decoding sessions
   int64_t spilled_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t busy_ ABSL_GUARDED_BY(mu_) = 0;  // sessions with a generation queued or running
   std::vector<std::unique_ptr<Request>> queue_ ABSL_GUARDED_BY(mu_);

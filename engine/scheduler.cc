@@ -88,7 +88,7 @@ void Engine::FailAll(const std::string& what) {
     absl::MutexLock lock(&mu_);
     for (int64_t b = static_cast<int64_t>(decoding_.size()) - 1; b >= 0; --b) {
       decoding_[b]->session->broken = true;
-      MoveOutOfActive(*decoding_[b]->session);
+      --active_;
       failed.push_back(std::move(decoding_[b]));
     }
     decoding_.clear();
@@ -172,7 +172,7 @@ void Engine::Decode() {
     absl::MutexLock lock(&mu_);
     for (int64_t b = static_cast<int64_t>(decoding_.size()) - 1; b >= 0; --b) {
       if (auto reason = Expired(decoding_[b]->generation, decoding_[b]->req, now)) {
-        MoveOutOfActive(*decoding_[b]->session);
+        --active_;
         std::swap(decoding_[b], decoding_.back());
         finished.emplace_back(std::move(decoding_.back()), *reason);
         decoding_.pop_back();
@@ -197,22 +197,23 @@ void Engine::Decode() {
 
   std::vector<at::Tensor> logits;
   if (batch > 0) {
-    // Row b decodes in slot b: the step advances pool.narrow(1, 0, batch) in place.
-    std::vector<int64_t> tokens(batch), positions(batch);
+    // Row b advances pool slot slots[b] in place: a session keeps its slot while resident.
+    std::vector<int64_t> tokens(batch), positions(batch), slots(batch);
     for (int64_t b = 0; b < batch; ++b) {
       tokens[b] = decoding_[b]->output.back();
       positions[b] = decoding_[b]->session->position;
+      slots[b] = decoding_[b]->session->slot;
     }
     const auto device = model_->options().device;
     auto step =
         model_->Step(at::tensor(tokens, at::kLong).to(device),
-                     at::tensor(positions, at::kLong).to(device), pool_->state.narrow(1, 0, batch));
+                     at::tensor(positions, at::kLong).to(device), pool_->state, slots);
     if (!step.ok()) {
       // The step may have advanced some layers of these states in place: they are lost.
       absl::MutexLock lock(&mu_);
       for (int64_t b = batch - 1; b >= 0; --b) {
         decoding_[b]->session->broken = true;
-        MoveOutOfActive(*decoding_[b]->session);
+        --active_;
         finished.emplace_back(std::move(decoding_[b]), FinishReason::kError);
       }
       decoding_.clear();
@@ -265,7 +266,7 @@ void Engine::Decode() {
     absl::MutexLock lock(&mu_);
     for (int64_t b = batch - 1; b >= 0; --b) {
       if (!done[b]) continue;
-      MoveOutOfActive(*decoding_[b]->session);
+      --active_;
       std::swap(decoding_[b], decoding_.back());
       to_finish.push_back(std::move(decoding_.back()));
       decoding_.pop_back();
@@ -274,7 +275,7 @@ void Engine::Decode() {
       if (done[batch + j]) {
         to_finish.push_back(std::move(joining[j]));
       } else {
-        MoveIntoActive(*joining[j]->session);
+        ++active_;
         decoding_.push_back(std::move(joining[j]));
       }
     }
