@@ -74,13 +74,16 @@ void Client::Prepare(grpc::ClientContext* context, const std::string& session_id
 
 std::string RetryServiceConfig(int retries) {
   if (retries <= 0) return "";
-  // Only UNAVAILABLE, and gRPC retries only calls that have received nothing yet: a refused call
-  // (loading, draining, connection refused), never a turn that has started streaming.
+  // gRPC retries only calls that have received nothing yet (no response headers): a refused call
+  // (loading, draining, connection refused), never a turn that has started streaming, which the
+  // server acknowledges with its headers at once. UNAVAILABLE, and CANCELLED: gRPC core cancels
+  // a call that reaches a server after its shutdown began, before any handler ran
+  // (grpc/grpc#41785); a call this client cancels itself is never retried.
   return absl::StrCat(
       R"({"methodConfig":[{"name":[{"service":"retnet.v1.RetNet"}],"retryPolicy":{"maxAttempts":)",
       retries + 1,
       R"(,"initialBackoff":"0.1s","maxBackoff":"2s","backoffMultiplier":2,)"
-      R"("retryableStatusCodes":["UNAVAILABLE"]}}]})");
+      R"("retryableStatusCodes":["UNAVAILABLE","CANCELLED"]}}]})");
 }
 
 absl::Status FromGrpc(const grpc::Status& status) {

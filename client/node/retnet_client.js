@@ -67,7 +67,9 @@ function retryOptions(retries) {
           initialBackoff: '0.1s',
           maxBackoff: '2s',
           backoffMultiplier: 2,
-          retryableStatusCodes: ['UNAVAILABLE'],
+          // CANCELLED too: gRPC core cancels calls that reach a server after its shutdown began,
+          // before a handler ran; nothing was received, so the retry is safe.
+          retryableStatusCodes: ['UNAVAILABLE', 'CANCELLED'],
         },
       }],
     }),

@@ -41,12 +41,13 @@ class Result:
 
 
 def _retry_options(retries: int):
-    """Channel options that retry a call refused with UNAVAILABLE before anything was received
-    (a replica loading or draining behind a gateway), with exponential backoff; 0 = none."""
+    """Channel options that retry a call refused before anything was received (a replica loading
+    or draining behind a gateway), with exponential backoff; 0 = none. UNAVAILABLE, and CANCELLED:
+    gRPC core cancels calls that reach a server after its shutdown began, before a handler ran."""
     if retries <= 0:
         return [("grpc.enable_retries", 0)]
     policy = {"maxAttempts": min(retries + 1, 5), "initialBackoff": "0.1s", "maxBackoff": "2s",
-              "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}
+              "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"]}
     config = {"methodConfig": [{"name": [{"service": "retnet.v1.RetNet"}], "retryPolicy": policy}]}
     return [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(config))]
 

@@ -283,7 +283,12 @@ def main():
             if gw is not None:
                 print("--- nginx error.log ---\n" + open(os.path.join(gw.prefix, "logs/error.log")).read()[-4000:])
             for r in replicas:
-                print(f"--- {r.name} log ---\n" + open(os.path.join(tmp, r.name + ".log")).read()[-3000:])
+                text = open(os.path.join(tmp, r.name + ".log")).read()
+                # Every call that did not end OK, and warnings, wherever they are in the log.
+                odd = [line for line in text.splitlines()
+                       if ("code=" in line and "code=OK" not in line) or "[warning]" in line or "[error]" in line]
+                print(f"--- {r.name} log: calls not OK, warnings, errors ---\n" + "\n".join(odd[-60:]))
+                print(f"--- {r.name} log (tail) ---\n" + text[-3000:])
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"{len(FAILURES)} failure(s)" if FAILURES else "all checks passed")
     return 1 if FAILURES else 0
