@@ -91,8 +91,8 @@ absl::Status FromGrpc(const grpc::Status& status) {
 }
 
 template <typename Response, typename Request>
-absl::Status Client::Unary(const char* method, grpc::ClientContext* context,
-                           const Request& request, Response* response) const {
+absl::Status Client::Unary(const char* method, grpc::ClientContext* context, const Request& request,
+                           Response* response) const {
   Received<Response> received;
   const grpc::Status status = grpc::internal::BlockingUnaryCall(
       channel_.get(), Method(method, grpc::internal::RpcMethod::NORMAL_RPC), context, request,
@@ -160,7 +160,9 @@ absl::StatusOr<v1::ModelInfo> Client::GetModelInfo() const {
   grpc::ClientContext ctx;
   Prepare(&ctx);
   v1::ModelInfo info;
-  if (absl::Status s = Unary(RETNET_METHOD("GetModelInfo"), &ctx, v1::GetModelInfoRequest(), &info); !s.ok()) return s;
+  if (absl::Status s = Unary(RETNET_METHOD("GetModelInfo"), &ctx, v1::GetModelInfoRequest(), &info);
+      !s.ok())
+    return s;
   return info;
 }
 
@@ -178,7 +180,9 @@ absl::StatusOr<std::vector<v1::Session>> Client::ListSessions() const {
   grpc::ClientContext ctx;
   Prepare(&ctx);
   v1::ListSessionsResponse resp;
-  if (absl::Status s = Unary(RETNET_METHOD("ListSessions"), &ctx, v1::ListSessionsRequest(), &resp); !s.ok()) return s;
+  if (absl::Status s = Unary(RETNET_METHOD("ListSessions"), &ctx, v1::ListSessionsRequest(), &resp);
+      !s.ok())
+    return s;
   return std::vector<v1::Session>(resp.sessions().begin(), resp.sessions().end());
 }
 
@@ -212,8 +216,8 @@ absl::StatusOr<std::string> Client::ExportSession(const std::string& id) const {
   std::unique_ptr<grpc::ClientReader<Received<v1::SnapshotChunk>>> reader(
       grpc::internal::ClientReaderFactory<Received<v1::SnapshotChunk>>::Create(
           channel_.get(),
-          Method(RETNET_METHOD("ExportSession"), grpc::internal::RpcMethod::SERVER_STREAMING),
-          &ctx, req));
+          Method(RETNET_METHOD("ExportSession"), grpc::internal::RpcMethod::SERVER_STREAMING), &ctx,
+          req));
   Received<v1::SnapshotChunk> received;
   const v1::SnapshotChunk& chunk = received.message;
   std::string data;
@@ -247,8 +251,8 @@ absl::StatusOr<v1::Session> Client::ImportSession(const std::string& id, const s
   std::unique_ptr<grpc::ClientWriter<v1::ImportSessionRequest>> writer(
       grpc::internal::ClientWriterFactory<v1::ImportSessionRequest>::Create(
           channel_.get(),
-          Method(RETNET_METHOD("ImportSession"), grpc::internal::RpcMethod::CLIENT_STREAMING),
-          &ctx, &session));
+          Method(RETNET_METHOD("ImportSession"), grpc::internal::RpcMethod::CLIENT_STREAMING), &ctx,
+          &session));
   size_t off = 0;
   do {
     v1::ImportSessionRequest req;

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstring>
 #include <random>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
@@ -92,6 +93,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
 }
 
 void Engine::Start() {
+  absl::MutexLock inline_lock(&inline_mu_);  // waits for commands running inline
   absl::MutexLock lock(&mu_);
   if (started_) return;
   started_ = true;
@@ -107,10 +109,16 @@ Engine::~Engine() {
   if (thread_.joinable()) thread_.join();
   // The loop has exited: finish whatever was still queued or running.
   std::vector<std::unique_ptr<Request>> left;
+  std::vector<std::shared_ptr<Command>> commands;
   {
     absl::MutexLock lock(&mu_);
     for (auto& r : queue_) left.push_back(std::move(r));
     queue_.clear();
+    commands.swap(commands_);
+  }
+  for (auto& c : commands) {
+    c->status = absl::UnavailableError("engine shutting down");
+    c->done.Notify();
   }
   for (auto& r : prefilling_) left.push_back(std::move(r));
   for (auto& r : decoding_) left.push_back(std::move(r));
@@ -168,25 +176,89 @@ SessionInfo Engine::Info(const Session& s) const {
   return info;
 }
 
-// A free slot, spilling the least recently used idle resident session to host if needed.
+bool Engine::OnEngineThread() const { return loop_thread_.load() == std::this_thread::get_id(); }
+
+absl::Status Engine::RunOnLoop(const char* what, std::function<void()> fn) {
+  auto cmd = std::make_shared<Command>();
+  cmd->what = what;
+  cmd->fn = std::move(fn);
+  auto run = [](Command& c) {
+    // Tensor copies can throw (device memory): report them instead of unwinding into gRPC.
+    try {
+      c.fn();
+    } catch (const std::exception& e) {
+      c.status = absl::InternalError(absl::StrCat(c.what, ": ", common::FirstLine(e.what())));
+    }
+  };
+  if (OnEngineThread()) {  // a sink calling back: the engine thread owns the pool already
+    run(*cmd);
+    return cmd->status;
+  }
+  {
+    absl::MutexLock inline_lock(&inline_mu_);
+    bool queued = false;
+    {
+      absl::MutexLock lock(&mu_);
+      if (stopping_) return absl::UnavailableError("engine shutting down");
+      if (started_) {
+        commands_.push_back(cmd);
+        wake_.Signal();
+        queued = true;
+      }
+    }
+    if (!queued) {  // no engine thread yet: Start() waits for this
+      c10::InferenceMode guard;
+      run(*cmd);
+      return cmd->status;
+    }
+  }
+  cmd->done.WaitForNotification();
+  return cmd->status;
+}
+
+void Engine::RunCommands() {
+  std::vector<std::shared_ptr<Command>> commands;
+  {
+    absl::MutexLock lock(&mu_);
+    commands.swap(commands_);
+  }
+  for (auto& c : commands) {
+    try {
+      c->fn();
+    } catch (const std::exception& e) {
+      c->status = absl::InternalError(absl::StrCat(c->what, ": ", common::FirstLine(e.what())));
+    }
+    c->done.Notify();
+  }
+}
+
+// A free slot, spilling the least recently used idle resident session to host if needed. The
+// spill copy runs without the lock: only this thread touches the pool, and a session that a
+// Submit() marks busy meanwhile is only queued (admitted later, by this thread).
 absl::StatusOr<int64_t> Engine::AcquireSlot(bool swapping_in) {
-  for (int64_t i = slots_ - 1; i >= 0; --i) {
-    if (slot_owner_[i] == nullptr) return i;
-  }
   Session* lru = nullptr;
-  for (int64_t i = 0; i < slots_; ++i) {
-    Session* s = slot_owner_[i];
-    if (s != nullptr && !s->busy && (lru == nullptr || s->last_used < lru->last_used)) lru = s;
-  }
-  if (lru == nullptr || spilled_ - (swapping_in ? 1 : 0) >= options_.max_host_sessions) {
-    return absl::ResourceExhaustedError(
-        absl::StrCat("state pool full: ", slots_, " device slots of ",
-                     model_->StateBytesPerSession(), " bytes, ", active_, " decoding, ", spilled_,
-                     "/", options_.max_host_sessions, " sessions spilled to host"));
+  {
+    absl::MutexLock lock(&mu_);
+    for (int64_t i = slots_ - 1; i >= 0; --i) {
+      if (slot_owner_[i] == nullptr) return i;
+    }
+    for (int64_t i = 0; i < slots_; ++i) {
+      Session* s = slot_owner_[i];
+      if (s != nullptr && !s->busy && (lru == nullptr || s->last_used < lru->last_used)) lru = s;
+    }
+    if (lru == nullptr || spilled_ - (swapping_in ? 1 : 0) >= options_.max_host_sessions) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("state pool full: ", slots_, " device slots of ",
+                       model_->StateBytesPerSession(), " bytes, ", active_, " decoding, ", spilled_,
+                       "/", options_.max_host_sessions, " sessions spilled to host"));
+    }
   }
   c10::InferenceMode guard;
   const int64_t slot = lru->slot;
-  lru->host_state = SlotView(slot).to(at::kCPU).clone();
+  at::Tensor host = at::empty(model_->StateShape(1), at::kFloat);  // contiguous
+  host.copy_(SlotView(slot));
+  absl::MutexLock lock(&mu_);
+  lru->host_state = std::move(host);
   lru->slot = -1;
   slot_owner_[slot] = nullptr;
   ++spilled_;
@@ -198,6 +270,7 @@ absl::Status Engine::MakeResident(Session& s) {
   ASSIGN_OR_RETURN(int64_t slot, AcquireSlot(/*swapping_in=*/true));
   c10::InferenceMode guard;
   SlotView(slot).copy_(s.host_state);
+  absl::MutexLock lock(&mu_);
   s.host_state = at::Tensor();
   s.slot = slot;
   slot_owner_[slot] = &s;
@@ -205,41 +278,47 @@ absl::Status Engine::MakeResident(Session& s) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<Engine::Session*> Engine::NewSession(const std::string& requested) {
+absl::StatusOr<Engine::Session*> Engine::NewSession(const std::string& requested, bool zero) {
   std::string id = requested.empty() ? NewId() : requested;
   if (id.size() > 128) return absl::InvalidArgumentError("session_id: at most 128 bytes");
-  if (sessions_.count(id) != 0)
+  auto exists = [&] {
     return absl::AlreadyExistsError(absl::StrCat("session_id: '", id, "' already exists"));
+  };
+  {
+    absl::MutexLock lock(&mu_);
+    if (sessions_.count(id) != 0) return exists();
+  }
+  // Only this thread adds sessions, so the id is still free after the slot is found.
   ASSIGN_OR_RETURN(int64_t slot, AcquireSlot());
+  if (zero) {
+    c10::InferenceMode guard;
+    SlotView(slot).zero_();
+  }
   auto session = std::make_unique<Session>();
   session->id = id;
   session->slot = slot;
   session->created = session->last_used = absl::Now();
   std::random_device rd;
   session->seed = (static_cast<uint64_t>(rd()) << 32) ^ rd();
-  {
-    c10::InferenceMode guard;
-    SlotView(slot).zero_();
-  }
-  slot_owner_[slot] = session.get();
   Session* raw = session.get();
+  absl::MutexLock lock(&mu_);
+  slot_owner_[slot] = raw;
   sessions_[id] = std::move(session);
   return raw;
 }
 
 absl::StatusOr<SessionInfo> Engine::CreateSession(const std::string& id) {
-  // Tensor copies can throw (device memory): report them instead of unwinding into gRPC.
-  try {
-    return CreateSessionImpl(id);
-  } catch (const std::exception& e) {
-    return absl::InternalError(absl::StrCat("CreateSession: ", common::FirstLine(e.what())));
-  }
-}
-
-absl::StatusOr<SessionInfo> Engine::CreateSessionImpl(const std::string& id) {
-  absl::MutexLock lock(&mu_);
-  ASSIGN_OR_RETURN(Session * s, NewSession(id));
-  return Info(*s);
+  absl::StatusOr<SessionInfo> result;
+  RETURN_IF_ERROR(RunOnLoop("CreateSession", [&] {
+    absl::StatusOr<Session*> s = NewSession(id);
+    if (!s.ok()) {
+      result = s.status();
+      return;
+    }
+    absl::MutexLock lock(&mu_);
+    result = Info(**s);
+  }));
+  return result;
 }
 
 absl::StatusOr<SessionInfo> Engine::GetSession(const std::string& id) const {
@@ -261,6 +340,13 @@ std::vector<SessionInfo> Engine::ListSessions(const std::string& prefix) const {
 }
 
 absl::Status Engine::DeleteSession(const std::string& id) {
+  absl::Status result;
+  RETURN_IF_ERROR(RunOnLoop("DeleteSession", [&] { result = DeleteSessionOnLoop(id); }));
+  return result;
+}
+
+absl::Status Engine::DeleteSessionOnLoop(const std::string& id) {
+  std::unique_ptr<Session> gone;  // destroyed (its host copy freed) after the lock
   absl::MutexLock lock(&mu_);
   auto it = sessions_.find(id);
   if (it == sessions_.end())
@@ -274,33 +360,39 @@ absl::Status Engine::DeleteSession(const std::string& id) {
   } else {
     --spilled_;
   }
+  gone = std::move(it->second);
   sessions_.erase(it);
   return absl::OkStatus();
 }
 
 absl::StatusOr<SessionInfo> Engine::ForkSession(const std::string& source,
                                                 const std::string& new_id) {
-  // Tensor copies can throw (device memory): report them instead of unwinding into gRPC.
-  try {
-    return ForkSessionImpl(source, new_id);
-  } catch (const std::exception& e) {
-    return absl::InternalError(absl::StrCat("ForkSession: ", common::FirstLine(e.what())));
-  }
+  absl::StatusOr<SessionInfo> result;
+  RETURN_IF_ERROR(RunOnLoop("ForkSession", [&] { result = ForkSessionOnLoop(source, new_id); }));
+  return result;
 }
 
-absl::StatusOr<SessionInfo> Engine::ForkSessionImpl(const std::string& source,
-                                                    const std::string& new_id) {
+absl::StatusOr<SessionInfo> Engine::ForkSessionOnLoop(const std::string& source,
+                                                      const std::string& new_id) {
+  Session* src = nullptr;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = sessions_.find(source);
+    if (it == sessions_.end())
+      return absl::NotFoundError(absl::StrCat("session_id: '", source, "' not found"));
+    src = it->second.get();
+    if (src->busy)
+      return absl::FailedPreconditionError(absl::StrCat("session '", source, "' is generating"));
+    if (src->broken) return absl::DataLossError(absl::StrCat("session '", source, "': state lost"));
+  }
+  // The source cannot go away (only this thread deletes) nor change (only this thread steps).
+  // Finding the new slot may spill others, the source included, never a busy session.
+  ASSIGN_OR_RETURN(Session * dst, NewSession(new_id, /*zero=*/false));
+  {
+    c10::InferenceMode guard;
+    SlotView(dst->slot).copy_(src->slot >= 0 ? SlotView(src->slot) : src->host_state);
+  }
   absl::MutexLock lock(&mu_);
-  auto it = sessions_.find(source);
-  if (it == sessions_.end())
-    return absl::NotFoundError(absl::StrCat("session_id: '", source, "' not found"));
-  Session* src = it->second.get();
-  if (src->busy)
-    return absl::FailedPreconditionError(absl::StrCat("session '", source, "' is generating"));
-  if (src->broken) return absl::DataLossError(absl::StrCat("session '", source, "': state lost"));
-  ASSIGN_OR_RETURN(Session * dst, NewSession(new_id));  // may spill others, never the busy ones
-  c10::InferenceMode guard;
-  SlotView(dst->slot).copy_(src->slot >= 0 ? SlotView(src->slot) : src->host_state);
   dst->position = src->position;
   dst->pending = src->pending;
   dst->seed = src->seed;
@@ -311,53 +403,68 @@ absl::StatusOr<SessionInfo> Engine::ForkSessionImpl(const std::string& source,
 }
 
 absl::StatusOr<std::string> Engine::SnapshotSession(const std::string& id) {
-  // Tensor copies can throw (device memory): report them instead of unwinding into gRPC.
-  try {
-    return SnapshotSessionImpl(id);
-  } catch (const std::exception& e) {
-    return absl::InternalError(absl::StrCat("SnapshotSession: ", common::FirstLine(e.what())));
+  Captured captured;
+  absl::Status status;
+  RETURN_IF_ERROR(RunOnLoop("SnapshotSession", [&] { status = CaptureOnLoop(id, &captured); }));
+  RETURN_IF_ERROR(status);
+  // This thread, not the engine's: the host copy of a spilled session, encoding, checksum.
+  if (captured.spilled.defined()) {
+    const at::Tensor h = captured.spilled.contiguous();
+    captured.data.state.assign(static_cast<const char*>(h.data_ptr()), h.numel() * sizeof(float));
   }
+  return EncodeSnapshot(captured.data);
 }
 
-absl::StatusOr<std::string> Engine::SnapshotSessionImpl(const std::string& id) {
-  absl::MutexLock lock(&mu_);
-  auto it = sessions_.find(id);
-  if (it == sessions_.end())
-    return absl::NotFoundError(absl::StrCat("session_id: '", id, "' not found"));
-  const Session& s = *it->second;
-  if (s.busy)
-    return absl::FailedPreconditionError(absl::StrCat("session '", id, "' is generating"));
+absl::Status Engine::CaptureOnLoop(const std::string& id, Captured* out) {
+  const Session* s = nullptr;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = sessions_.find(id);
+    if (it == sessions_.end())
+      return absl::NotFoundError(absl::StrCat("session_id: '", id, "' not found"));
+    s = it->second.get();
+    if (s->busy)
+      return absl::FailedPreconditionError(absl::StrCat("session '", id, "' is generating"));
+    if (s->broken) return absl::DataLossError(absl::StrCat("session '", id, "': state lost"));
+    const model::ModelConfig& c = model_->config();
+    SnapshotData& d = out->data;
+    d.fingerprint = fingerprint_;
+    d.layers = c.num_layers;
+    d.heads = c.num_heads;
+    d.d_k = c.head_k_dim();
+    d.d_v = c.head_v_dim();
+    d.position = s->position;
+    d.pending_token = s->pending;
+    d.seed = s->seed;
+    d.counter = s->counter;
+    d.history = s->history;
+  }
+  // Only this thread changes the state, so it is copied without the lock.
+  if (s->slot < 0) {
+    out->spilled = s->host_state;  // never written in place: the caller copies it
+    return absl::OkStatus();
+  }
   c10::InferenceMode guard;
-  if (s.broken) return absl::DataLossError(absl::StrCat("session '", id, "': state lost"));
-  at::Tensor state = (s.slot >= 0 ? SlotView(s.slot) : s.host_state).to(at::kCPU).contiguous();
-  const model::ModelConfig& c = model_->config();
-  SnapshotData d;
-  d.fingerprint = fingerprint_;
-  d.layers = c.num_layers;
-  d.heads = c.num_heads;
-  d.d_k = c.head_k_dim();
-  d.d_v = c.head_v_dim();
-  d.position = s.position;
-  d.pending_token = s.pending;
-  d.seed = s.seed;
-  d.counter = s.counter;
-  d.history = s.history;
-  d.state.assign(static_cast<const char*>(state.data_ptr()), state.numel() * sizeof(float));
-  return EncodeSnapshot(d);
+  const int64_t bytes = model_->StateBytesPerSession();
+  out->data.state.resize(bytes);
+  at::Tensor dst = at::from_blob(out->data.state.data(), model_->StateShape(1), at::kFloat);
+  if (pool_->state.is_cuda()) {
+    // One device-to-host copy into pinned memory (full speed), then into the caller's buffer.
+    if (!pool_->staging.defined()) {
+      pool_->staging = at::empty(model_->StateShape(1),
+                                 at::TensorOptions().dtype(at::kFloat).pinned_memory(true));
+    }
+    pool_->staging.copy_(SlotView(s->slot));
+    dst.copy_(pool_->staging);
+  } else {
+    dst.copy_(SlotView(s->slot));
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<SessionInfo> Engine::RestoreSession(const std::string& snapshot,
                                                    const std::string& new_id) {
-  // Tensor copies can throw (device memory): report them instead of unwinding into gRPC.
-  try {
-    return RestoreSessionImpl(snapshot, new_id);
-  } catch (const std::exception& e) {
-    return absl::InternalError(absl::StrCat("RestoreSession: ", common::FirstLine(e.what())));
-  }
-}
-
-absl::StatusOr<SessionInfo> Engine::RestoreSessionImpl(const std::string& snapshot,
-                                                       const std::string& new_id) {
+  // Decoding (checksum) and validation run on this thread.
   ASSIGN_OR_RETURN(SnapshotData d, DecodeSnapshot(snapshot));
   const model::ModelConfig& c = model_->config();
   if (d.fingerprint != fingerprint_) {
@@ -382,18 +489,26 @@ absl::StatusOr<SessionInfo> Engine::RestoreSessionImpl(const std::string& snapsh
       return absl::InvalidArgumentError("snapshot: token history holds an invalid id");
     }
   }
-  absl::MutexLock lock(&mu_);
-  ASSIGN_OR_RETURN(Session * s, NewSession(new_id));
-  c10::InferenceMode guard;
-  at::Tensor host = at::empty(model_->StateShape(1), at::kFloat);
-  std::memcpy(host.data_ptr(), d.state.data(), d.state.size());
-  SlotView(s->slot).copy_(host);
-  s->position = d.position;
-  s->pending = d.pending_token;
-  s->seed = d.seed;
-  s->counter = d.counter;
-  s->history = std::move(d.history);
-  return Info(*s);
+  absl::StatusOr<SessionInfo> result;
+  RETURN_IF_ERROR(RunOnLoop("RestoreSession", [&] {
+    absl::StatusOr<Session*> s = NewSession(new_id, /*zero=*/false);
+    if (!s.ok()) {
+      result = s.status();
+      return;
+    }
+    {
+      c10::InferenceMode guard;
+      SlotView((*s)->slot).copy_(at::from_blob(d.state.data(), model_->StateShape(1), at::kFloat));
+    }
+    absl::MutexLock lock(&mu_);
+    (*s)->position = d.position;
+    (*s)->pending = d.pending_token;
+    (*s)->seed = d.seed;
+    (*s)->counter = d.counter;
+    (*s)->history = std::move(d.history);
+    result = Info(**s);
+  }));
+  return result;
 }
 
 bool Engine::WaitIdle(absl::Duration timeout) const {
@@ -404,8 +519,14 @@ bool Engine::WaitIdle(absl::Duration timeout) const {
 }
 
 int64_t Engine::ExpireIdleSessions(absl::Time now) {
-  absl::MutexLock lock(&mu_);
   int64_t n = 0;
+  if (!RunOnLoop("ExpireIdleSessions", [&] { n = ExpireOnLoop(now); }).ok()) return 0;
+  return n;
+}
+
+int64_t Engine::ExpireOnLoop(absl::Time now) {
+  std::vector<std::unique_ptr<Session>> gone;  // destroyed after the lock
+  absl::MutexLock lock(&mu_);
   for (auto it = sessions_.begin(); it != sessions_.end();) {
     Session& s = *it->second;
     if (!s.busy && now - s.last_used > options_.session_ttl) {
@@ -414,13 +535,13 @@ int64_t Engine::ExpireIdleSessions(absl::Time now) {
       } else {
         --spilled_;
       }
+      gone.push_back(std::move(it->second));
       it = sessions_.erase(it);
-      ++n;
     } else {
       ++it;
     }
   }
-  return n;
+  return static_cast<int64_t>(gone.size());
 }
 
 absl::StatusOr<std::shared_ptr<Generation>> Engine::Submit(GenerateRequest request,

@@ -7,10 +7,18 @@
 // Sessions and state
 //   A state pool [layers, slots, H, d_k, d_v] fp32 is allocated once on the device (capacity from
 //   EngineOptions). Idle sessions spill to host memory, least recently used first, when a slot is
-//   needed, and come back on use; the host holds at most `max_host_sessions`. Sessions that are
-//   decoding occupy the contiguous slot range [0, active), so one step advances
-//   pool.narrow(1, 0, active) in place (a session moves into or out of that range once per
-//   generation, never per step). Idle sessions expire after `session_ttl`.
+//   needed, and come back on use; the host holds at most `max_host_sessions`. A session keeps its
+//   slot while it is resident: one step advances the slots of every decoding session in place
+//   (RetNet::Step with per-row slots), so sessions joining or leaving the batch copy no state.
+//   Idle sessions expire after `session_ttl`.
+//
+// One owner: only the engine thread touches the state pool. Create, fork, delete, snapshot,
+// restore and expiry are commands the engine thread runs between two iterations (the caller
+// waits for its own command; when the engine was created paused and not yet started, the caller
+// runs it itself). A snapshot is a device-to-host copy on the engine thread; its encoding and
+// checksum run on the caller's thread, as does decoding a snapshot to restore. Spilling and
+// reloading happen on the engine thread too. The engine lock (session metadata) is held for
+// bookkeeping only, never across a tensor copy or a model call.
 //
 // What a session's state contains (the conversation): every prompt token and every token the
 // model produced, including the EOS / stop token / the tokens of a matched stop string, and
@@ -29,14 +37,18 @@
 // engine.h includes no torch header (the model and the pool are forward-declared), so the gRPC
 // layer compiles without ATen.
 //
-// Threading: all public methods are thread-safe. Submit() never waits for the engine loop. The
-// control operations (create, delete, fork, snapshot, restore) take the session lock briefly and
-// copy at most one session's state. Sinks are called on the engine thread and must not block.
+// Threading: all public methods are thread-safe. Submit(), GetSession(), ListSessions(), Stats()
+// and WaitIdle() never wait for the engine loop. The control operations (create, delete, fork,
+// snapshot, restore, expiry) wait for the loop to run them: at most one iteration (one prefill
+// budget and one step) plus the commands queued before them; they return UNAVAILABLE once the
+// engine is shutting down. Called from a sink (the engine thread itself) they run at once.
+// Sinks are called on the engine thread and must not block.
 #ifndef RETNET_ENGINE_ENGINE_H_
 #define RETNET_ENGINE_ENGINE_H_
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -88,7 +100,7 @@ struct TokenEvent {
   // Newly safe text, always valid UTF-8 (may be empty: held back for an unfinished character or a
   // partial stop string).
   std::string text;
-  std::string bytes;  // the token's exact bytes (empty for special tokens)
+  std::string bytes;         // the token's exact bytes (empty for special tokens)
   bool has_logprob = false;  // the request asked for log probabilities
   float logprob = 0;
   std::vector<std::pair<int64_t, float>> top_logprobs;
@@ -209,32 +221,45 @@ class Engine {
  private:
   struct Session;
   struct Request;
+  struct Command;
   Engine(std::shared_ptr<const model::RetNet> model,
          std::shared_ptr<const model::Tokenizer> tokenizer, EngineOptions options);
 
   void Loop();
   // One iteration; returns false when there was nothing to do.
   bool Iterate();
-  void Admit() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Runs `fn` on the engine thread between iterations and waits for it; inline when the thread
+  // has not been started or when called on it. UNAVAILABLE when the engine is stopping, INTERNAL
+  // (prefixed with `what`) when `fn` throws.
+  absl::Status RunOnLoop(const char* what, std::function<void()> fn)
+      ABSL_LOCKS_EXCLUDED(mu_, inline_mu_);
+  // Engine thread: runs the commands queued so far.
+  void RunCommands() ABSL_LOCKS_EXCLUDED(mu_);
+  bool OnEngineThread() const;
   void Prefill();
   void Decode();
   void FinishRequest(Request& r, FinishReason reason, absl::Status status = absl::OkStatus());
   void RestorePending(Request& r);
-  absl::StatusOr<SessionInfo> CreateSessionImpl(const std::string& id);
-  absl::StatusOr<SessionInfo> ForkSessionImpl(const std::string& source, const std::string& new_id);
-  absl::StatusOr<std::string> SnapshotSessionImpl(const std::string& id);
-  absl::StatusOr<SessionInfo> RestoreSessionImpl(const std::string& snapshot,
-                                                 const std::string& new_id);
+  // The commands, run by the engine thread (the *OnLoop functions take mu_ themselves).
+  absl::StatusOr<SessionInfo> ForkSessionOnLoop(const std::string& source,
+                                                const std::string& new_id);
+  absl::Status DeleteSessionOnLoop(const std::string& id);
+  struct Captured;
+  absl::Status CaptureOnLoop(const std::string& id, Captured* out);
+  int64_t ExpireOnLoop(absl::Time now);
   void FailAll(const std::string& what);
   // Handles one sampled token for a request: stop checks, sink. Returns true if it finished.
   bool Deliver(Request& r, const SampleResult& sample);
 
-  // `swapping_in`: the caller brings a spilled session back, so spilling another one does not
-  // grow the host population.
-  absl::StatusOr<int64_t> AcquireSlot(bool swapping_in = false) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  absl::Status MakeResident(Session& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Engine thread. `swapping_in`: the caller brings a spilled session back, so spilling another
+  // one does not grow the host population. Returns a free slot for the caller to assign.
+  absl::StatusOr<int64_t> AcquireSlot(bool swapping_in = false) ABSL_LOCKS_EXCLUDED(mu_);
+  absl::Status MakeResident(Session& s) ABSL_LOCKS_EXCLUDED(mu_);
   at::Tensor SlotView(int64_t slot) const;
-  absl::StatusOr<Session*> NewSession(const std::string& id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Engine thread: a new session with a zeroed slot; `zero` = false when the caller overwrites
+  // the slot anyway (fork, restore).
+  absl::StatusOr<Session*> NewSession(const std::string& id, bool zero = true)
+      ABSL_LOCKS_EXCLUDED(mu_);
   SessionInfo Info(const Session& s) const;
   std::string NewId();
 
@@ -247,13 +272,18 @@ class Engine {
   struct Pool;
   std::unique_ptr<Pool> pool_;  // the state tensor [L, slots, H, d_k, d_v] fp32 on the device
 
+  // Serialises commands run inline (engine not started) with Start().
+  absl::Mutex inline_mu_ ABSL_ACQUIRED_BEFORE(mu_);
   mutable absl::Mutex mu_;
   absl::CondVar wake_;
+  std::vector<std::shared_ptr<Command>> commands_ ABSL_GUARDED_BY(mu_);
+  std::atomic<std::thread::id> loop_thread_{};
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   bool started_ ABSL_GUARDED_BY(mu_) = false;
   std::map<std::string, std::unique_ptr<Session>> sessions_ ABSL_GUARDED_BY(mu_);
-  std::vector<Session*> slot_owner_ ABSL_GUARDED_BY(mu_);  // nullptr = free
-  int64_t active_ ABSL_GUARDED_BY(mu_) = 0;                // number of decoding sessions
+  // nullptr = free. Written only by the engine thread (under mu_), so it reads it without.
+  std::vector<Session*> slot_owner_ ABSL_GUARDED_BY(mu_);
+  int64_t active_ ABSL_GUARDED_BY(mu_) = 0;  // number of decoding sessions
   int64_t spilled_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t busy_ ABSL_GUARDED_BY(mu_) = 0;  // sessions with a generation queued or running
   std::vector<std::unique_ptr<Request>> queue_ ABSL_GUARDED_BY(mu_);

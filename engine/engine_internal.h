@@ -8,8 +8,10 @@
 #include <string>
 #include <vector>
 
+#include "absl/synchronization/notification.h"
 #include "engine/engine.h"
 #include "engine/sampling.h"
+#include "engine/snapshot.h"
 #include "engine/stop_matcher.h"
 #include "model/retnet.h"
 
@@ -17,10 +19,27 @@ namespace retnet::engine {
 
 struct Engine::Pool {
   at::Tensor state;
+  // Engine thread: the pinned host buffer a snapshot of a device-resident session is copied into
+  // (CUDA only; one session's state, allocated on first use and reused).
+  at::Tensor staging;
 };
 
-// Guarded by Engine::mu_, except that the engine thread reads `slot` and `position` of a busy
-// session without it (only the engine thread changes them while the session is busy).
+// A control operation queued for the engine thread; the caller waits on `done`.
+struct Engine::Command {
+  const char* what = "";
+  std::function<void()> fn;
+  absl::Status status;  // OK when fn ran to the end
+  absl::Notification done;
+};
+
+// What a snapshot takes from a session on the engine thread; the caller encodes it.
+struct Engine::Captured {
+  SnapshotData data;   // everything but the state when `spilled` is set
+  at::Tensor spilled;  // the host copy of a spilled session (immutable): the caller reads it
+};
+
+// Guarded by Engine::mu_. Only the engine thread writes `slot`, `host_state` and `position`
+// (and the state behind them), so it reads them without the lock.
 struct Engine::Session {
   std::string id;
   int64_t slot = -1;               // device slot, or -1 when spilled

@@ -3,6 +3,7 @@
 #include <c10/core/InferenceMode.h>
 
 #include <algorithm>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "common/strings.h"
@@ -23,6 +24,7 @@ std::optional<FinishReason> Expired(const std::shared_ptr<Generation>& g,
 
 void Engine::Loop() {
   c10::InferenceMode guard;
+  loop_thread_.store(std::this_thread::get_id());
   next_expiry_ = absl::Now() + absl::Seconds(1);
   while (true) {
     try {
@@ -33,25 +35,37 @@ void Engine::Loop() {
   }
 }
 
-// One iteration: admission, prefill, decode. Returns false when the engine is stopping.
+// One iteration: control commands, admission, prefill, decode. Returns false when the engine is
+// stopping.
 bool Engine::Iterate() {
   {
-    std::vector<std::pair<std::unique_ptr<Request>, absl::Status>> refused;
+    std::vector<std::unique_ptr<Request>> admitted;
     {
       absl::MutexLock lock(&mu_);
-      while (!stopping_ && queue_.empty() && prefilling_.empty() && decoding_.empty() &&
-             absl::Now() < next_expiry_) {
+      while (!stopping_ && commands_.empty() && queue_.empty() && prefilling_.empty() &&
+             decoding_.empty() && absl::Now() < next_expiry_) {
         wake_.WaitWithDeadline(&mu_, next_expiry_);
       }
       if (stopping_) return false;
-      // Admission: make the session resident and line up its tokens.
-      for (auto& r : queue_) {
-        Session& s = *r->session;
-        absl::Status status = MakeResident(s);
-        if (!status.ok()) {
-          refused.emplace_back(std::move(r), status);
-          continue;
-        }
+    }
+    // Between two steps: create, fork, delete, snapshot, restore, as queued.
+    RunCommands();
+    {
+      absl::MutexLock lock(&mu_);
+      admitted.swap(queue_);
+    }
+    // Admission: make the session resident (a reload, maybe a spill: copies without the lock)
+    // and line up its tokens.
+    std::vector<std::pair<std::unique_ptr<Request>, absl::Status>> refused;
+    for (auto& r : admitted) {
+      Session& s = *r->session;
+      absl::Status status = MakeResident(s);
+      if (!status.ok()) {
+        refused.emplace_back(std::move(r), status);
+        continue;
+      }
+      {
+        absl::MutexLock lock(&mu_);
         if (r->req.sampling.seed.has_value()) {
           s.seed = *r->req.sampling.seed;
           s.counter = 0;
@@ -61,15 +75,14 @@ bool Engine::Iterate() {
           r->pending_in_front = true;
           s.pending.reset();
         }
-        r->to_prefill.insert(r->to_prefill.end(), r->req.prompt.begin(), r->req.prompt.end());
-        prefilling_.push_back(std::move(r));
       }
-      queue_.clear();
+      r->to_prefill.insert(r->to_prefill.end(), r->req.prompt.begin(), r->req.prompt.end());
+      prefilling_.push_back(std::move(r));
     }
     for (auto& [r, status] : refused) FinishRequest(*r, FinishReason::kError, status);
     const absl::Time now = absl::Now();
     if (now >= next_expiry_) {
-      ExpireIdleSessions(now);
+      ExpireOnLoop(now);
       next_expiry_ = now + std::min(absl::Seconds(1), options_.session_ttl);
     }
     Prefill();
@@ -205,9 +218,8 @@ void Engine::Decode() {
       slots[b] = decoding_[b]->session->slot;
     }
     const auto device = model_->options().device;
-    auto step =
-        model_->Step(at::tensor(tokens, at::kLong).to(device),
-                     at::tensor(positions, at::kLong).to(device), pool_->state, slots);
+    auto step = model_->Step(at::tensor(tokens, at::kLong).to(device),
+                             at::tensor(positions, at::kLong).to(device), pool_->state, slots);
     if (!step.ok()) {
       // The step may have advanced some layers of these states in place: they are lost.
       absl::MutexLock lock(&mu_);

@@ -1,5 +1,7 @@
 #include "engine/snapshot.h"
 
+#include <xxhash.h>
+
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
@@ -42,9 +44,17 @@ class Reader {
 
 }  // namespace
 
-std::string EncodeSnapshot(const SnapshotData& d) {
-  std::string out(kMagic, 8);
-  Put<uint32_t>(out, kSnapshotVersion);
+uint64_t SnapshotChecksum(uint32_t version, std::string_view bytes) {
+  if (version == 1) return common::Fnv1a(bytes);
+  return XXH3_64bits(bytes.data(), bytes.size());
+}
+
+std::string EncodeSnapshot(const SnapshotData& d, uint32_t version) {
+  std::string out;
+  out.reserve(8 + 4 + 8 + 4 * 8 + 4 + 8 + 1 + 8 * 5 + 8 * d.history.size() + 8 + d.state.size() +
+              8);
+  out.append(kMagic, 8);
+  Put<uint32_t>(out, version);
   Put<uint64_t>(out, d.fingerprint);
   for (int64_t v : {d.layers, d.heads, d.d_k, d.d_v}) Put<int64_t>(out, v);
   Put<uint32_t>(out, d.dtype);
@@ -57,7 +67,7 @@ std::string EncodeSnapshot(const SnapshotData& d) {
   for (int64_t t : d.history) Put<int64_t>(out, t);
   Put<uint64_t>(out, d.state.size());
   out += d.state;
-  Put<uint64_t>(out, Fnv1a(out));
+  Put<uint64_t>(out, SnapshotChecksum(version, out));
   return out;
 }
 
@@ -68,20 +78,24 @@ absl::StatusOr<SnapshotData> DecodeSnapshot(std::string_view bytes) {
   if (bytes.size() < 8 + 4 + 8) return bad("truncated");
   if (bytes.substr(0, 8) != std::string_view(kMagic, 8))
     return bad("not a retnet-serve session snapshot (bad magic)");
+  uint32_t version = 0;
+  std::memcpy(&version, bytes.data() + 8, 4);
+  if (version < kOldestSnapshotVersion || version > kSnapshotVersion) {
+    return bad(absl::StrCat("unsupported version ", version, " (this server reads ",
+                            kOldestSnapshotVersion, " to ", kSnapshotVersion, ")"));
+  }
   uint64_t stored_sum = 0;
   std::memcpy(&stored_sum, bytes.data() + bytes.size() - 8, 8);
-  if (Fnv1a(bytes.substr(0, bytes.size() - 8)) != stored_sum)
+  if (SnapshotChecksum(version, bytes.substr(0, bytes.size() - 8)) != stored_sum)
     return bad("checksum mismatch (corrupted)");
   Reader r(bytes.substr(0, bytes.size() - 8));
   std::string magic;
   r.GetBytes(8, &magic);
   SnapshotData d;
-  uint32_t version = 0;
   uint8_t has_pending = 0;
   int64_t pending = 0;
   uint64_t n = 0;
-  if (!r.Get(&version)) return bad("truncated");
-  if (version != kSnapshotVersion) return bad(absl::StrCat("unsupported version ", version));
+  r.Get(&version);  // checked above
   if (!r.Get(&d.fingerprint) || !r.Get(&d.layers) || !r.Get(&d.heads) || !r.Get(&d.d_k) ||
       !r.Get(&d.d_v) || !r.Get(&d.dtype) || !r.Get(&d.position) || !r.Get(&has_pending) ||
       !r.Get(&pending) || !r.Get(&d.seed) || !r.Get(&d.counter) || !r.Get(&n)) {

@@ -10,7 +10,7 @@ packages=(
   libabsl-dev libspdlog-dev nlohmann-json3-dev libcli11-dev
   libsentencepiece-dev libgtest-dev libgmock-dev libbenchmark-dev
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
-  python3-grpcio libcpp-httplib-dev openssl
+  python3-grpcio libcpp-httplib-dev openssl libxxhash-dev clang-14
   nginx docker-compose python3-yaml
 )
 

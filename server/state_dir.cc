@@ -22,6 +22,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "common/strings.h"
 #include "engine/snapshot.h"
 
 namespace retnet::server {
@@ -158,7 +159,7 @@ const std::string& NodeTag() {
     const ssize_t n = ::readlink("/proc/self/ns/pid", ns, sizeof(ns));
     uint64_t hash = 0;
     if (!boot.empty() && n > 0) {
-      hash = engine::Fnv1a(absl::StrCat(boot, "/", std::string(ns, static_cast<size_t>(n))));
+      hash = common::Fnv1a(absl::StrCat(boot, "/", std::string(ns, static_cast<size_t>(n))));
     } else {  // no way to tell which pids are ours: never match another process's files
       std::random_device rd;
       hash = (static_cast<uint64_t>(rd()) << 32) ^ rd();

@@ -6,9 +6,16 @@
 // reader gets fewer, larger messages and never slows the engine. The turn ends with a Final
 // message (finish reason, usage, timings) or an error status.
 //
-// Threading: the sink methods run on the engine thread, the others on gRPC threads. The wake
-// callback (the reactor's Pump) is called without the data lock held, under a separate lock that
-// Detach() also takes, so a detached reactor is never called again.
+// Delivery: the engine thread only moves each token event into a vector under the lock (once per
+// step per stream) and wakes the reactor when that vector was empty, i.e. once per write, not
+// per token; the TokenChunk protobuf, the latency metrics and the serialisation are built in
+// Next(), outside the lock, by whichever thread pumps the reactor (a gRPC thread whenever a
+// write is in flight: OnWriteDone pumps).
+//
+// Threading: the sink methods run on the engine thread, the others on gRPC threads. Next() is
+// called by one thread at a time (the reactor's lock). The wake callback (the reactor's Pump) is
+// called without the data lock held, under a separate lock that Detach() also takes, so a
+// detached reactor is never called again.
 #ifndef RETNET_SERVER_TURN_STREAM_H_
 #define RETNET_SERVER_TURN_STREAM_H_
 
@@ -45,7 +52,10 @@ class TurnStream : public engine::TokenSink, public std::enable_shared_from_this
       : session_id_(std::move(session_id)), state_bytes_(state_bytes), metrics_(metrics) {}
   // The turn's log line (server/wire.h LogCall) is written once, when its end is handed to the
   // reactor, or when the stream goes away before that.
-  ~TurnStream() override { LogOnce(grpc::StatusCode::CANCELLED); }
+  ~TurnStream() override {
+    absl::MutexLock lock(&mu_);
+    LogOnce(grpc::StatusCode::CANCELLED);
+  }
 
   // The RPC named in the log line ("Generate" unless set; "Chat" for chat turns).
   void SetMethod(const char* method) {
@@ -94,8 +104,16 @@ class TurnStream : public engine::TokenSink, public std::enable_shared_from_this
   }
 
   void OnToken(engine::TokenEvent e) override {
-    Record(std::move(e));
-    Wake();
+    bool first = false;
+    {
+      absl::MutexLock lock(&mu_);
+      const absl::Time now = absl::Now();
+      if (!first_token_) first_token_ = now;
+      first = events_.empty();
+      events_.push_back(std::move(e));
+      times_.push_back(now);
+    }
+    if (first) Wake();  // otherwise the reactor has not taken the previous ones yet
   }
   void OnFinish(engine::Finish f) override {
     Persist persist = End(std::move(f));
@@ -125,29 +143,6 @@ class TurnStream : public engine::TokenSink, public std::enable_shared_from_this
   void Wake() {
     absl::MutexLock lock(&wake_mu_);
     if (wake_) wake_();
-  }
-
-  void Record(engine::TokenEvent e) {
-    absl::MutexLock lock(&mu_);
-    const absl::Time now = absl::Now();
-    if (!first_token_) {
-      first_token_ = now;
-      if (metrics_ != nullptr)
-        metrics_->ObserveTimeToFirstToken(absl::ToDoubleSeconds(now - arrival_));
-    } else if (metrics_ != nullptr) {
-      metrics_->ObserveInterTokenLatency(absl::ToDoubleSeconds(now - last_token_));
-    }
-    last_token_ = now;
-    retnet::v1::Token* t = pending_.add_tokens();
-    t->set_id(e.token);
-    t->set_text(std::move(e.text));
-    if (e.has_logprob) t->set_logprob(e.logprob);
-    if (token_bytes_) t->set_token_bytes(std::move(e.bytes));
-    for (const auto& [id, lp] : e.top_logprobs) {
-      auto* top = t->add_top_logprobs();
-      top->set_id(id);
-      top->set_logprob(lp);
-    }
   }
 
   // Returns the persist hook when the end must wait for it.
@@ -191,7 +186,33 @@ class TurnStream : public engine::TokenSink, public std::enable_shared_from_this
     return persist_;
   }
 
-  void LogOnce(grpc::StatusCode code) {
+  // Builds the chunk for `events` (taken from events_) and records their latencies.
+  void BuildChunk(std::vector<engine::TokenEvent>& events, const std::vector<absl::Time>& times,
+                  bool token_bytes, retnet::v1::TokenChunk* chunk) {
+    for (size_t i = 0; i < events.size(); ++i) {
+      engine::TokenEvent& e = events[i];
+      if (metrics_ != nullptr) {
+        if (!last_token_) {
+          metrics_->ObserveTimeToFirstToken(absl::ToDoubleSeconds(times[i] - arrival_));
+        } else {
+          metrics_->ObserveInterTokenLatency(absl::ToDoubleSeconds(times[i] - *last_token_));
+        }
+      }
+      last_token_ = times[i];
+      retnet::v1::Token* t = chunk->add_tokens();
+      t->set_id(e.token);
+      t->set_text(std::move(e.text));
+      if (e.has_logprob) t->set_logprob(e.logprob);
+      if (token_bytes) t->set_token_bytes(std::move(e.bytes));
+      for (const auto& [id, lp] : e.top_logprobs) {
+        auto* top = t->add_top_logprobs();
+        top->set_id(id);
+        top->set_logprob(lp);
+      }
+    }
+  }
+
+  void LogOnce(grpc::StatusCode code) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (logged_) return;
     logged_ = true;
     LogCall(method_, session_id_, code, prompt_tokens_, completion_tokens_, arrival_);
@@ -201,14 +222,32 @@ class TurnStream : public engine::TokenSink, public std::enable_shared_from_this
   // Called by the reactor when no write is in flight. Fills `out` for kWriteChunk/kWriteFinal,
   // `status` for kEndWithStatus. After kWriteFinal or kEndWithStatus the turn is over.
   Action Next(retnet::v1::GenerateResponse* out, grpc::Status* status) {
-    absl::MutexLock lock(&mu_);
-    if (over_) return Action::kNothing;
-    if (pending_.tokens_size() > 0 && !client_gone_) {
-      *out->mutable_chunk() = std::move(pending_);
-      pending_.Clear();
-      return Action::kWriteChunk;
+    bool token_bytes = false;
+    {
+      absl::MutexLock lock(&mu_);
+      if (over_) return Action::kNothing;
+      if (!events_.empty() && !client_gone_) {
+        taken_.swap(events_);
+        taken_times_.swap(times_);
+        token_bytes = token_bytes_;
+      } else {
+        events_.clear();  // the client is gone: nobody reads them
+        times_.clear();
+        if (!ended_ || held_) return Action::kNothing;
+        return EndLocked(out, status);
+      }
     }
-    if (!ended_ || held_) return Action::kNothing;
+    // Outside the lock: the engine thread keeps appending to events_ meanwhile.
+    out->Clear();
+    BuildChunk(taken_, taken_times_, token_bytes, out->mutable_chunk());
+    taken_.clear();
+    taken_times_.clear();
+    return Action::kWriteChunk;
+  }
+
+ private:
+  Action EndLocked(retnet::v1::GenerateResponse* out, grpc::Status* status)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     over_ = true;
     if (final_ && !client_gone_) {
       *out = std::move(*final_);
@@ -226,7 +265,10 @@ class TurnStream : public engine::TokenSink, public std::enable_shared_from_this
   const int64_t state_bytes_;
   Metrics* const metrics_;
   const absl::Time arrival_ = absl::Now();
-  absl::Time last_token_;
+  // Used by Next() only (one caller at a time), outside mu_.
+  std::optional<absl::Time> last_token_;
+  std::vector<engine::TokenEvent> taken_;
+  std::vector<absl::Time> taken_times_;
   absl::Mutex wake_mu_;
   std::function<void()> wake_ ABSL_GUARDED_BY(wake_mu_);
   absl::Mutex mu_;
@@ -237,8 +279,10 @@ class TurnStream : public engine::TokenSink, public std::enable_shared_from_this
   const char* method_ ABSL_GUARDED_BY(mu_) = "Generate";
   int64_t prompt_tokens_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t completion_tokens_ ABSL_GUARDED_BY(mu_) = 0;
-  bool logged_ = false;  // under mu_, or in the destructor
-  retnet::v1::TokenChunk pending_ ABSL_GUARDED_BY(mu_);
+  bool logged_ ABSL_GUARDED_BY(mu_) = false;
+  // Produced, not yet taken by Next(), and when each arrived.
+  std::vector<engine::TokenEvent> events_ ABSL_GUARDED_BY(mu_);
+  std::vector<absl::Time> times_ ABSL_GUARDED_BY(mu_);
   std::optional<retnet::v1::GenerateResponse> final_ ABSL_GUARDED_BY(mu_);
   std::optional<absl::Time> first_token_ ABSL_GUARDED_BY(mu_);
   grpc::Status end_status_ ABSL_GUARDED_BY(mu_);

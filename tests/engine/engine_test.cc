@@ -480,7 +480,7 @@ TEST_F(EngineTest, StopStringsStopTokensAndMinTokens) {
   auto free_run = Run(*e, "free", prompt, Greedy(40));
   const std::string text = free_run->text();
   const std::vector<int64_t> tokens = free_run->tokens();
-  ASSERT_EQ(free_run->bytes().size(), 40u);  // byte tokens: one byte each
+  ASSERT_EQ(free_run->bytes().size(), 40u);                  // byte tokens: one byte each
   EXPECT_EQ(text, common::SanitizeUtf8(free_run->bytes()));  // text is always valid UTF-8
 
   // A stop string taken from the middle of the unconstrained output (as text: stop strings
@@ -559,6 +559,96 @@ TEST_F(EngineTest, InvalidRequestsNameTheField) {
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
   // The bad requests harmed nothing: the session still works.
   EXPECT_EQ(Run(*e, "a", Bytes("ok"), Greedy(3))->tokens().size(), 3u);
+}
+
+// One owner: create, fork, snapshot, restore, delete and the spills they force all run on the
+// engine thread between steps, so a session decoding meanwhile keeps its slot and its exact
+// tokens while others join the batch, leave it, and move between device and host.
+TEST_F(EngineTest, ControlOperationsDuringDecodingLeaveItsTokensIdentical) {
+  const std::vector<int64_t> prompt = Bytes("The long conversation");
+  constexpr int64_t kLength = 400;
+  std::vector<int64_t> alone;
+  {
+    auto e = MakeEngine();
+    ASSERT_TRUE(e->CreateSession("a").ok());
+    alone = Run(*e, "a", prompt, Greedy(kLength))->tokens();
+  }
+  EngineOptions options;
+  options.max_sessions = 3;  // "a" plus two: the third session of a round spills one to host
+  options.max_host_sessions = 16;
+  auto e = MakeEngine(options);
+  ASSERT_TRUE(e->CreateSession("a").ok());
+  auto sink = std::make_shared<TestSink>();
+  ASSERT_TRUE(e->Submit({"a", prompt, Greedy(kLength), std::nullopt}, sink).ok());
+  ASSERT_TRUE(sink->WaitTokens(1));
+  int rounds_while_decoding = 0;
+  for (int i = 0; i < 200 && sink->tokens().size() < static_cast<size_t>(kLength); ++i) {
+    ++rounds_while_decoding;
+    const std::string c = "c" + std::to_string(i), f = "f" + std::to_string(i),
+                      r = "r" + std::to_string(i);
+    ASSERT_TRUE(e->CreateSession(c).ok());
+    EXPECT_EQ(Run(*e, c, Bytes("side"), Greedy(3))->tokens().size(), 3u);  // joins and leaves
+    ASSERT_TRUE(e->ForkSession(c, f).ok());
+    auto snap = e->SnapshotSession(f);
+    ASSERT_TRUE(snap.ok()) << snap.status();
+    auto restored = e->RestoreSession(*snap, r);  // a fourth session: one idle one spills
+    ASSERT_TRUE(restored.ok()) << restored.status();
+    EXPECT_GE(e->Stats().spilled, 1);
+    for (const std::string& id : {c, f, r}) ASSERT_TRUE(e->DeleteSession(id).ok()) << id;
+  }
+  ASSERT_TRUE(sink->WaitFinish());
+  EXPECT_GE(rounds_while_decoding, 1);
+  EXPECT_EQ(sink->tokens(), alone);
+  EXPECT_EQ(e->Stats().sessions, 1);
+}
+
+// A sink runs on the engine thread; control operations it calls run there at once instead of
+// waiting for the loop (which would wait for the sink).
+class ForkingSink : public TestSink {
+ public:
+  ForkingSink(Engine* e, std::string id) : engine_(e), id_(std::move(id)) {}
+  void OnFinish(Finish f) override {
+    snapshot_ = engine_->SnapshotSession(id_);
+    fork_ = engine_->ForkSession(id_, id_ + "-fork");
+    TestSink::OnFinish(std::move(f));
+  }
+  absl::StatusOr<std::string> snapshot_ = absl::UnknownError("unset");
+  absl::StatusOr<SessionInfo> fork_ = absl::UnknownError("unset");
+
+ private:
+  Engine* engine_;
+  std::string id_;
+};
+
+TEST_F(EngineTest, ASinkMayCallControlOperations) {
+  auto e = MakeEngine();
+  ASSERT_TRUE(e->CreateSession("s").ok());
+  auto sink = std::make_shared<ForkingSink>(e.get(), "s");
+  ASSERT_TRUE(e->Submit({"s", Bytes("hello"), Greedy(6), std::nullopt}, sink).ok());
+  ASSERT_TRUE(sink->WaitFinish());
+  ASSERT_TRUE(sink->snapshot_.ok()) << sink->snapshot_.status();
+  ASSERT_TRUE(sink->fork_.ok()) << sink->fork_.status();
+  EXPECT_EQ(sink->fork_->position, e->GetSession("s")->position);
+  // The fork continues exactly as the original does.
+  auto a = Run(*e, "s", {}, Greedy(8))->tokens();
+  auto b = Run(*e, "s-fork", {}, Greedy(8))->tokens();
+  EXPECT_EQ(a, b);
+}
+
+// A snapshot written by an older server (format version 1, FNV-1a checksum) restores and
+// continues exactly like the session it was taken from.
+TEST_F(EngineTest, SnapshotFromAnOlderVersionRestores) {
+  auto e = MakeEngine();
+  ASSERT_TRUE(e->CreateSession("s").ok());
+  Run(*e, "s", Bytes("The first turn"), Greedy(5));
+  auto snap = e->SnapshotSession("s");
+  ASSERT_TRUE(snap.ok()) << snap.status();
+  auto decoded = DecodeSnapshot(*snap);
+  ASSERT_TRUE(decoded.ok()) << decoded.status();
+  auto restored = e->RestoreSession(EncodeSnapshot(*decoded, 1), "old");
+  ASSERT_TRUE(restored.ok()) << restored.status();
+  EXPECT_EQ(Run(*e, "old", Bytes(" and more"), Greedy(9))->tokens(),
+            Run(*e, "s", Bytes(" and more"), Greedy(9))->tokens());
 }
 
 }  // namespace

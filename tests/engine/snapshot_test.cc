@@ -34,6 +34,26 @@ TEST(SnapshotTest, RoundTrips) {
   EXPECT_EQ(d->state, Sample().state);
 }
 
+// Snapshots written by older servers (version 1: FNV-1a checksum) still restore; versions this
+// server does not know are refused by name.
+TEST(SnapshotTest, DecodesTheOlderVersionAndRefusesUnknownOnes) {
+  const std::string v1 = EncodeSnapshot(Sample(), 1);
+  const std::string v2 = EncodeSnapshot(Sample());
+  ASSERT_EQ(v1.size(), v2.size());
+  EXPECT_NE(v1.substr(v1.size() - 8), v2.substr(v2.size() - 8));  // different checksums
+  auto d = DecodeSnapshot(v1);
+  ASSERT_TRUE(d.ok()) << d.status();
+  EXPECT_EQ(d->history, Sample().history);
+  EXPECT_EQ(d->state, Sample().state);
+  std::string v1_damaged = v1;
+  v1_damaged[v1.size() / 2] ^= 4;
+  EXPECT_EQ(DecodeSnapshot(v1_damaged).status().code(), absl::StatusCode::kInvalidArgument);
+  const auto future = DecodeSnapshot(EncodeSnapshot(Sample(), kSnapshotVersion + 1));
+  EXPECT_EQ(future.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(future.status().message().find("unsupported version"), std::string::npos)
+      << future.status();
+}
+
 TEST(SnapshotTest, RefusesDamage) {
   const std::string bytes = EncodeSnapshot(Sample());
   for (size_t i : {0ul, 9ul, 40ul, bytes.size() / 2, bytes.size() - 1}) {

@@ -24,11 +24,12 @@ TEST(TurnStreamTest, TokensReadyTogetherAreMergedIntoOneChunk) {
   stream.OnToken(Token(1, "a"));
   ASSERT_EQ(stream.Next(&out, &status), TurnStream::Action::kWriteChunk);  // the first write
   EXPECT_EQ(out.chunk().tokens_size(), 1);
-  // While that write is in flight the engine produces three more.
+  // While that write is in flight the engine produces three more: only the first of them wakes
+  // the reactor (one wake per write, not per token).
   stream.OnToken(Token(2, "b"));
   stream.OnToken(Token(3, ""));
   stream.OnToken(Token(4, "cd"));
-  EXPECT_EQ(wakes, 4);
+  EXPECT_EQ(wakes, 2);
   ASSERT_EQ(stream.Next(&out, &status), TurnStream::Action::kWriteChunk);
   ASSERT_EQ(out.chunk().tokens_size(), 3);
   EXPECT_EQ(out.chunk().tokens(0).id(), 2);
@@ -50,7 +51,45 @@ TEST(TurnStreamTest, TokensReadyTogetherAreMergedIntoOneChunk) {
   EXPECT_EQ(stream.Next(&out, &status), TurnStream::Action::kNothing);  // over
   stream.Detach();
   stream.OnToken(Token(5, "late"));  // after Detach the reactor is not called
-  EXPECT_EQ(wakes, 5);
+  EXPECT_EQ(wakes, 3);
+}
+
+// The engine thread hands over bare events; Next() builds the protobuf with everything the
+// request asked for (log probabilities, alternatives, exact bytes) and in order, and the end
+// waits until every token has been taken.
+TEST(TurnStreamTest, NextBuildsTheChunkFromTheEventsInOrder) {
+  TurnStream stream("s", 0);
+  stream.SetTokenBytes(true);
+  int wakes = 0;
+  stream.Attach([&] { ++wakes; });
+  for (int64_t i = 0; i < 50; ++i) {
+    engine::TokenEvent e = Token(i, std::string(1, static_cast<char>('a' + i % 26)));
+    e.bytes = e.text;
+    e.has_logprob = true;
+    e.logprob = -0.5f * static_cast<float>(i);
+    e.top_logprobs = {{i, e.logprob}, {i + 1, e.logprob - 1}};
+    stream.OnToken(std::move(e));
+  }
+  engine::Finish f;
+  f.reason = engine::FinishReason::kLength;
+  f.completion_tokens = 50;
+  stream.OnFinish(f);
+  EXPECT_EQ(wakes, 2);  // the first token, and the end
+  retnet::v1::GenerateResponse out;
+  grpc::Status status;
+  ASSERT_EQ(stream.Next(&out, &status), TurnStream::Action::kWriteChunk);  // tokens before Final
+  ASSERT_EQ(out.chunk().tokens_size(), 50);
+  for (int i = 0; i < 50; ++i) {
+    const retnet::v1::Token& t = out.chunk().tokens(i);
+    EXPECT_EQ(t.id(), i);
+    EXPECT_EQ(t.token_bytes(), t.text());
+    EXPECT_FLOAT_EQ(t.logprob(), -0.5f * static_cast<float>(i));
+    ASSERT_EQ(t.top_logprobs_size(), 2);
+    EXPECT_EQ(t.top_logprobs(1).id(), i + 1);
+  }
+  ASSERT_EQ(stream.Next(&out, &status), TurnStream::Action::kWriteFinal);
+  EXPECT_EQ(out.final().usage().completion_tokens(), 50);
+  EXPECT_FALSE(out.has_chunk());
 }
 
 TEST(TurnStreamTest, ErrorsCancellationAndDeadlinesEndWithTheirStatus) {
