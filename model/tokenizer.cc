@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "model/config.h"
+#include "model/hf_tokenizer.h"
 #include "model/safetensors.h"
 #include "model/sentencepiece_wrapper.h"
 
@@ -37,6 +38,23 @@ class ByteTokenizer final : public Tokenizer {
 
  private:
   int64_t bos_, eos_;
+};
+
+class IdsOnlyTokenizer final : public Tokenizer {
+ public:
+  IdsOnlyTokenizer(int64_t vocab, int64_t bos, int64_t eos) : vocab_(vocab), bos_(bos), eos_(eos) {}
+  std::string kind() const override { return "none"; }
+  int64_t vocab_size() const override { return vocab_; }
+  int64_t bos_id() const override { return bos_; }
+  int64_t eos_id() const override { return eos_; }
+  absl::StatusOr<std::vector<int64_t>> Encode(std::string_view) const override {
+    return absl::FailedPreconditionError("the model has no tokenizer: send token ids");
+  }
+  std::string TokenBytes(int64_t) const override { return ""; }
+  std::string Decode(const std::vector<int64_t>&) const override { return ""; }
+
+ private:
+  int64_t vocab_, bos_, eos_;
 };
 
 class SentencePieceTokenizer final : public Tokenizer {
@@ -100,6 +118,11 @@ std::unique_ptr<Tokenizer> MakeByteTokenizer(int64_t bos_id, int64_t eos_id) {
   return std::make_unique<ByteTokenizer>(bos_id, eos_id);
 }
 
+std::unique_ptr<Tokenizer> MakeIdsOnlyTokenizer(int64_t vocab_size, int64_t bos_id,
+                                                int64_t eos_id) {
+  return std::make_unique<IdsOnlyTokenizer>(vocab_size, bos_id, eos_id);
+}
+
 absl::StatusOr<std::unique_ptr<Tokenizer>> LoadSentencePieceTokenizer(const std::string& path) {
   // A FIFO or a device would block or never end: only regular files are read.
   if (absl::Status s = CheckRegularFile(path); !s.ok()) return s;
@@ -118,27 +141,28 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> LoadTokenizer(const std::string& dir,
     return absl::FailedPreconditionError(
         absl::StrCat(dir, ": a backbone checkpoint has no tokenizer"));
   }
-  const std::string sp_path = dir + "/tokenizer.model";
-  if (Exists(sp_path)) {
-    auto tok = LoadSentencePieceTokenizer(sp_path);
+  // Every id the tokenizer can produce must be a row of the embedding.
+  const auto fits = [&](absl::StatusOr<std::unique_ptr<Tokenizer>> tok,
+                        const std::string& path) -> absl::StatusOr<std::unique_ptr<Tokenizer>> {
     if (!tok.ok()) return tok.status();
     if ((*tok)->vocab_size() > config.vocab_size) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(sp_path, ": tokenizer has ", (*tok)->vocab_size(),
-                       " pieces but the model's vocabulary is ", config.vocab_size));
+      return absl::InvalidArgumentError(absl::StrCat(
+          path, ": tokenizer has ids up to ", (*tok)->vocab_size() - 1,
+          " but the model's vocabulary is ", config.vocab_size, " (ids >= vocab_size)"));
     }
     return tok;
+  };
+  const std::string json_path = dir + "/tokenizer.json";
+  const std::string vocab_path = dir + "/vocab.json";
+  const std::string merges_path = dir + "/merges.txt";
+  if (Exists(json_path)) return fits(LoadHfTokenizerJson(json_path), json_path);
+  if (Exists(vocab_path) || Exists(merges_path)) {
+    return fits(LoadHfTokenizerDir(dir), Exists(vocab_path) ? vocab_path : merges_path);
   }
-  if (Exists(dir + "/tokenizer.json")) {
-    return absl::UnimplementedError(
-        absl::StrCat(dir,
-                     "/tokenizer.json: HF tokenizer.json is not supported; "
-                     "provide tokenizer.model (SentencePiece)"));
-  }
+  const std::string sp_path = dir + "/tokenizer.model";
+  if (Exists(sp_path)) return fits(LoadSentencePieceTokenizer(sp_path), sp_path);
   if (config.vocab_size >= 256) return MakeByteTokenizer(config.bos_token_id, config.eos_token_id);
-  return absl::InvalidArgumentError(absl::StrCat(dir, ": no tokenizer.model and vocab_size ",
-                                                 config.vocab_size,
-                                                 " is too small for the byte-level tokenizer"));
+  return MakeIdsOnlyTokenizer(config.vocab_size, config.bos_token_id, config.eos_token_id);
 }
 
 size_t CompleteUtf8Prefix(std::string_view bytes) {

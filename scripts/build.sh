@@ -10,6 +10,10 @@ if command -v npm >/dev/null 2>&1 && [ ! -d client/node/node_modules/@grpc/grpc-
   npm ci --prefix client/node --no-audit --no-fund --loglevel=error >/dev/null ||
     echo "build: npm ci in client/node failed; the Node client test will be skipped" >&2
 fi
+if command -v npm >/dev/null 2>&1 && [ ! -d tests/model/hf_oracle/node_modules/@huggingface/tokenizers ]; then
+  npm ci --prefix tests/model/hf_oracle --no-audit --no-fund --loglevel=error >/dev/null ||
+    echo "build: npm ci in tests/model/hf_oracle failed; the HF tokenizer oracle test will be skipped" >&2
+fi
 export CCACHE_SLOPPINESS=pch_defines,time_macros,include_file_mtime,include_file_ctime
 if [ ! -f build/CMakeCache.txt ]; then
   cmake --preset release "$@" >/dev/null

@@ -11,6 +11,7 @@ packages=(
   libsentencepiece-dev libgtest-dev libgmock-dev libbenchmark-dev
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   python3-grpcio libcpp-httplib-dev openssl libxxhash-dev clang-14
+  libpcre2-dev libicu-dev
   nginx docker-compose python3-yaml
 )
 

@@ -87,10 +87,27 @@ TEST(TokenizerSelectionTest, ByteLevelWhenNoTokenizerFile) {
   ASSERT_TRUE(tok.ok());
   EXPECT_EQ((*tok)->kind(), "byte");
   EXPECT_EQ((*tok)->eos_id(), 257);
+  // Below 256 entries and no tokenizer file: ids only.
   config.vocab_size = 100;
-  EXPECT_EQ(LoadTokenizer(dir, config).status().code(), absl::StatusCode::kInvalidArgument);
+  config.bos_token_id = 1;
+  config.eos_token_id = 2;
+  auto none = LoadTokenizer(dir, config);
+  ASSERT_TRUE(none.ok()) << none.status();
+  EXPECT_EQ((*none)->kind(), "none");
+  EXPECT_EQ((*none)->vocab_size(), 100);
+  EXPECT_EQ((*none)->bos_id(), 1);
+  EXPECT_EQ((*none)->eos_id(), 2);
+  auto ids = (*none)->Encode("hi");
+  EXPECT_EQ(ids.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(ids.status().message(), "the model has no tokenizer: send token ids");
+  EXPECT_EQ((*none)->TokenBytes(5), "");
+  EXPECT_EQ((*none)->Decode({5, 6}), "");
+  // A tokenizer.json is read now; "{}" lacks its model.
   std::ofstream(dir + "/tokenizer.json") << "{}";
-  EXPECT_EQ(LoadTokenizer(dir, config).status().code(), absl::StatusCode::kUnimplemented);
+  auto bad = LoadTokenizer(dir, config);
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(bad.status().message().find("tokenizer.json: model"), std::string::npos)
+      << bad.status();
 }
 
 }  // namespace
