@@ -6,7 +6,8 @@
 // Reads one text per stdin line. Plain mode prints the ids separated by spaces. --json: each
 // line is a JSON string (or {"text": ...}); each output line is a JSON object
 // {"ids": [...], "decode": "...", "bytes_hex": "..."} where bytes_hex is the hex of the
-// concatenated TokenBytes of the ids (what a streaming server emits). The first output line in
+// concatenated TokenBytes of the ids (what a streaming server emits). A line {"ids": [...]}
+// decodes those ids instead: {"decode": "...", "bytes_hex": "..."}. The first output line in
 // --json mode describes the tokenizer: {"kind", "vocab_size", "bos_id", "eos_id"}.
 // Without --vocab-size the directory's own tokenizer files are loaded (tokenizer.json, else
 // vocab.json + merges.txt); with it, LoadTokenizer's full selection runs against that vocab size.
@@ -16,6 +17,7 @@
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "model/config.h"
@@ -60,6 +62,22 @@ int Run(const std::string& dir, int64_t vocab_size, bool json) {
     std::string text = line;
     if (json) {
       nlohmann::json in = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+      if (in.is_object() && in.contains("ids") && in["ids"].is_array()) {
+        // Decode only: {"ids": [...]} -> {"decode", "bytes_hex"}.
+        std::vector<int64_t> ids;
+        for (const auto& v : in["ids"]) {
+          if (!v.is_number_integer()) {
+            std::cerr << "retnet-tokenize: ids must be integers\n";
+            return 1;
+          }
+          ids.push_back(v.get<int64_t>());
+        }
+        std::string bytes;
+        for (int64_t id : ids) bytes += t.TokenBytes(id);
+        std::cout << nlohmann::json({{"decode", t.Decode(ids)}, {"bytes_hex", Hex(bytes)}}).dump()
+                  << "\n";
+        continue;
+      }
       if (in.is_object() && in.contains("text")) in = in["text"];
       if (!in.is_string()) {
         std::cerr << "retnet-tokenize: input line is not a JSON string or {\"text\": ...}\n";

@@ -4,9 +4,10 @@
 //   node oracle.js JOB.json
 //
 // JOB: {"tokenizer": "path/tokenizer.json", "config": "path/tokenizer_config.json" | null,
-//       "texts": ["...", ...]}
-// Prints {"results": [{"ids": [...], "decode": "..."}, ...]}: ids without special tokens added
-// by a post-processor, decode with special tokens skipped and no clean-up of spaces.
+//       "texts": ["...", ...], "id_lists": [[...], ...] (optional)}
+// Prints {"results": [{"ids": [...], "decode": "..."}, ...], "decodes": ["...", ...]}: ids
+// without special tokens added by a post-processor; decode (of each text's ids, and of each
+// id list) with special tokens skipped and no clean-up of spaces.
 // Exit code 77 when the package is not installed (the test then reports itself skipped).
 "use strict";
 const fs = require("fs");
@@ -30,4 +31,6 @@ const results = job.texts.map((text) => {
     tokenizer.decode(ids, { skip_special_tokens: true, clean_up_tokenization_spaces: false });
   return { ids, decode };
 });
-process.stdout.write(JSON.stringify({ results }) + "\n");
+const decodes = (job.id_lists || []).map((ids) => ids.length === 0 ? "" :
+  tokenizer.decode(ids, { skip_special_tokens: true, clean_up_tokenization_spaces: false }));
+process.stdout.write(JSON.stringify({ results, decodes }) + "\n");
