@@ -23,8 +23,8 @@
 #include <string>
 #include <vector>
 
-#include "absl/strings/numbers.h"
 #include "absl/strings/escaping.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
@@ -176,8 +176,11 @@ nlohmann::json TurnJson(const retnet::client::TurnResult& r, const std::vector<v
 void PrintTurnStats(const retnet::client::TurnResult& r) {
   const v1::Final& f = r.final;
   const double total_s = f.timings().total_ns() / 1e9;
-  std::fprintf(stderr, "[session %s: %lld tokens, %s%s, first token %.1f ms, %.1f tok/s]\n",
-               f.session_id().c_str(), static_cast<long long>(f.usage().completion_tokens()),
+  // A one-shot request (no --session) leaves no session behind: the server sends no id.
+  const std::string where =
+      f.session_id().empty() ? std::string("one-shot") : "session " + f.session_id();
+  std::fprintf(stderr, "[%s: %lld tokens, %s%s, first token %.1f ms, %.1f tok/s]\n", where.c_str(),
+               static_cast<long long>(f.usage().completion_tokens()),
                retnet::client::FinishReasonName(f.finish_reason()).c_str(),
                f.stop_sequence().empty() ? "" : (" '" + f.stop_sequence() + "'").c_str(),
                f.timings().first_token_ns() / 1e6,
@@ -370,7 +373,8 @@ int main(int argc, char** argv) {
   gen->add_option("prompt", prompt, "prompt text ('-' = read standard input)");
   gen->add_option("--tokens", token_list, "prompt as token ids, e.g. '256,72,105'");
   gen->add_option("--session", session,
-                  "continue this session (created if missing; default: a new one)");
+                  "continue this session (created if missing; default: a one-shot request "
+                  "that leaves no session behind)");
   gen->add_flag("--json", json, "print one JSON object (token ids, text, usage) at the end");
   bool gen_raw = false;
   gen->add_flag("--raw", gen_raw,

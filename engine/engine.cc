@@ -235,7 +235,7 @@ void Engine::RunCommands() {
 // A free slot, spilling the least recently used idle resident session to host if needed. The
 // spill copy runs without the lock: only this thread touches the pool, and a session that a
 // Submit() marks busy meanwhile is only queued (admitted later, by this thread).
-absl::StatusOr<int64_t> Engine::AcquireSlot(bool swapping_in) {
+absl::StatusOr<int64_t> Engine::AcquireSlot(bool swapping_in, bool* all_busy) {
   Session* lru = nullptr;
   {
     absl::MutexLock lock(&mu_);
@@ -246,6 +246,7 @@ absl::StatusOr<int64_t> Engine::AcquireSlot(bool swapping_in) {
       Session* s = slot_owner_[i];
       if (s != nullptr && !s->busy && (lru == nullptr || s->last_used < lru->last_used)) lru = s;
     }
+    if (all_busy != nullptr) *all_busy = lru == nullptr;
     if (lru == nullptr || spilled_ - (swapping_in ? 1 : 0) >= options_.max_host_sessions) {
       return absl::ResourceExhaustedError(
           absl::StrCat("state pool full: ", slots_, " device slots of ",
@@ -265,9 +266,19 @@ absl::StatusOr<int64_t> Engine::AcquireSlot(bool swapping_in) {
   return slot;
 }
 
-absl::Status Engine::MakeResident(Session& s) {
+absl::Status Engine::MakeResident(Session& s, bool* all_busy) {
   if (s.slot >= 0) return absl::OkStatus();
-  ASSIGN_OR_RETURN(int64_t slot, AcquireSlot(/*swapping_in=*/true));
+  if (s.unallocated) {  // a new session's first use: a zeroed slot
+    ASSIGN_OR_RETURN(int64_t slot, AcquireSlot(/*swapping_in=*/false, all_busy));
+    c10::InferenceMode guard;
+    SlotView(slot).zero_();
+    absl::MutexLock lock(&mu_);
+    s.unallocated = false;
+    s.slot = slot;
+    slot_owner_[slot] = &s;
+    return absl::OkStatus();
+  }
+  ASSIGN_OR_RETURN(int64_t slot, AcquireSlot(/*swapping_in=*/true, all_busy));
   c10::InferenceMode guard;
   SlotView(slot).copy_(s.host_state);
   absl::MutexLock lock(&mu_);
@@ -351,18 +362,24 @@ absl::Status Engine::DeleteSessionOnLoop(const std::string& id) {
   auto it = sessions_.find(id);
   if (it == sessions_.end())
     return absl::NotFoundError(absl::StrCat("session_id: '", id, "' not found"));
-  Session& s = *it->second;
-  if (s.busy)
+  if (it->second->busy)
     return absl::FailedPreconditionError(
         absl::StrCat("session '", id, "' is generating; cancel it first"));
+  gone = EraseSessionLocked(it);
+  return absl::OkStatus();
+}
+
+std::unique_ptr<Engine::Session> Engine::EraseSessionLocked(
+    std::map<std::string, std::unique_ptr<Session>>::iterator it) {
+  Session& s = *it->second;
   if (s.slot >= 0) {
     slot_owner_[s.slot] = nullptr;
-  } else {
+  } else if (!s.unallocated) {
     --spilled_;
   }
-  gone = std::move(it->second);
+  std::unique_ptr<Session> gone = std::move(it->second);
   sessions_.erase(it);
-  return absl::OkStatus();
+  return gone;
 }
 
 absl::StatusOr<SessionInfo> Engine::ForkSession(const std::string& source,
@@ -530,13 +547,7 @@ int64_t Engine::ExpireOnLoop(absl::Time now) {
   for (auto it = sessions_.begin(); it != sessions_.end();) {
     Session& s = *it->second;
     if (!s.busy && now - s.last_used > options_.session_ttl) {
-      if (s.slot >= 0) {
-        slot_owner_[s.slot] = nullptr;
-      } else {
-        --spilled_;
-      }
-      gone.push_back(std::move(it->second));
-      it = sessions_.erase(it);
+      gone.push_back(EraseSessionLocked(it++));
     } else {
       ++it;
     }
@@ -565,8 +576,30 @@ absl::StatusOr<std::shared_ptr<Generation>> Engine::Submit(GenerateRequest reque
     }
   }
   if (sink == nullptr) return absl::InvalidArgumentError("sink: required");
+  if (request.new_session && request.session_id.size() > 128)
+    return absl::InvalidArgumentError("session_id: at most 128 bytes");
   absl::MutexLock lock(&mu_);
   auto it = sessions_.find(request.session_id);
+  if (request.new_session) {
+    if (it != sessions_.end()) {
+      return absl::AlreadyExistsError(
+          absl::StrCat("session_id: '", request.session_id, "' already exists"));
+    }
+    if (request.prompt.empty())
+      return absl::InvalidArgumentError("prompt: must not be empty for a new session");
+    if (static_cast<int64_t>(queue_.size()) >= options_.max_queued_requests) {
+      return absl::ResourceExhaustedError(absl::StrCat("admission queue full (", queue_.size(),
+                                                       " waiting, limit ",
+                                                       options_.max_queued_requests, ")"));
+    }
+    auto session = std::make_unique<Session>();
+    session->id = request.session_id;
+    session->unallocated = true;
+    session->created = session->last_used = absl::Now();
+    std::random_device rd;
+    session->seed = (static_cast<uint64_t>(rd()) << 32) ^ rd();
+    it = sessions_.emplace(request.session_id, std::move(session)).first;
+  }
   if (it == sessions_.end()) {
     return absl::NotFoundError(absl::StrCat("session_id: '", request.session_id, "' not found"));
   }

@@ -28,11 +28,12 @@
 // A follow-up turn prefills only its new tokens onto the state.
 //
 // Scheduling (one engine thread per device; see scheduler.cc)
-//   Each iteration admits queued requests, spends at most `prefill_token_budget` prompt tokens on
-//   chunkwise prefill (long prompts continue next iteration, so decoding sessions keep a bounded
-//   inter-token latency), runs one batched recurrent step for every decoding session, samples on
-//   the device and pushes the tokens to each request's sink. Only the sampled ids (and requested
-//   log probabilities) are copied to the host.
+//   Each iteration runs the queued control commands, admits queued requests (a new session of a
+//   one-shot request waits in the queue while every slot holds a busy session), spends at most
+//   `prefill_token_budget` prompt tokens on chunkwise prefill (long prompts continue next
+//   iteration, so decoding sessions keep a bounded inter-token latency), runs one batched recurrent
+//   step for every decoding session, samples on the device and pushes the tokens to each request's
+//   sink. Only the sampled ids (and requested log probabilities) are copied to the host.
 //
 // engine.h includes no torch header (the model and the pool are forward-declared), so the gRPC
 // layer compiles without ATen.
@@ -129,6 +130,12 @@ struct GenerateRequest {
   std::vector<int64_t> prompt;  // new tokens for this turn (may be empty on a continuing turn)
   SamplingParams sampling;
   std::optional<absl::Time> deadline;
+  // Create `session_id` as a new, empty session (ALREADY_EXISTS if taken). It costs nothing until
+  // admitted, then takes a device slot; while every slot is busy it waits in the queue.
+  bool new_session = false;
+  // Delete the session when this generation ends, before the sink's OnFinish (a one-shot request
+  // that named no session: it leaves nothing behind, whatever way it ends).
+  bool delete_session_at_end = false;
 };
 
 // A submitted generation; Cancel() is safe from any thread at any time.
@@ -244,6 +251,10 @@ class Engine {
   absl::StatusOr<SessionInfo> ForkSessionOnLoop(const std::string& source,
                                                 const std::string& new_id);
   absl::Status DeleteSessionOnLoop(const std::string& id);
+  // Removes an idle session from the maps; the caller destroys it after releasing mu_.
+  std::unique_ptr<Session> EraseSessionLocked(
+      std::map<std::string, std::unique_ptr<Session>>::iterator it)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   struct Captured;
   absl::Status CaptureOnLoop(const std::string& id, Captured* out);
   int64_t ExpireOnLoop(absl::Time now);
@@ -253,8 +264,11 @@ class Engine {
 
   // Engine thread. `swapping_in`: the caller brings a spilled session back, so spilling another
   // one does not grow the host population. Returns a free slot for the caller to assign.
-  absl::StatusOr<int64_t> AcquireSlot(bool swapping_in = false) ABSL_LOCKS_EXCLUDED(mu_);
-  absl::Status MakeResident(Session& s) ABSL_LOCKS_EXCLUDED(mu_);
+  // `all_busy` (if given) is set when it failed because every slot holds a busy session: a
+  // generation that needs one can wait for the next iteration.
+  absl::StatusOr<int64_t> AcquireSlot(bool swapping_in = false, bool* all_busy = nullptr)
+      ABSL_LOCKS_EXCLUDED(mu_);
+  absl::Status MakeResident(Session& s, bool* all_busy = nullptr) ABSL_LOCKS_EXCLUDED(mu_);
   at::Tensor SlotView(int64_t slot) const;
   // Engine thread: a new session with a zeroed slot; `zero` = false when the caller overwrites
   // the slot anyway (fork, restore).

@@ -50,7 +50,10 @@ struct Engine::Session {
   uint64_t counter = 0;
   std::vector<int64_t> history;  // the whole conversation (for penalties and snapshots)
   bool busy = false;             // a generation is queued or running
-  bool broken = false;           // an internal error left the state inconsistent: only Delete works
+  // Made by Submit (GenerateRequest.new_session) and not admitted yet: its state is all zeros
+  // and has no storage, on the device or the host.
+  bool unallocated = false;
+  bool broken = false;  // an internal error left the state inconsistent: only Delete works
   absl::Time created, last_used;
 };
 

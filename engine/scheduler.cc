@@ -57,9 +57,23 @@ bool Engine::Iterate() {
     // Admission: make the session resident (a reload, maybe a spill: copies without the lock)
     // and line up its tokens.
     std::vector<std::pair<std::unique_ptr<Request>, absl::Status>> refused;
+    std::vector<std::pair<std::unique_ptr<Request>, FinishReason>> expired;
+    // New sessions that found every slot busy: next iteration, in their order. Requests behind
+    // them go ahead (a resident session needs no slot; blocking it could deadlock the pool).
+    std::vector<std::unique_ptr<Request>> waiting;
+    const absl::Time admitted_at = absl::Now();
     for (auto& r : admitted) {
       Session& s = *r->session;
-      absl::Status status = MakeResident(s);
+      if (auto reason = Expired(r->generation, r->req, admitted_at)) {
+        expired.emplace_back(std::move(r), *reason);
+        continue;
+      }
+      bool all_busy = false;
+      absl::Status status = MakeResident(s, &all_busy);
+      if (!status.ok() && all_busy && s.unallocated) {
+        waiting.push_back(std::move(r));
+        continue;
+      }
       if (!status.ok()) {
         refused.emplace_back(std::move(r), status);
         continue;
@@ -79,7 +93,13 @@ bool Engine::Iterate() {
       r->to_prefill.insert(r->to_prefill.end(), r->req.prompt.begin(), r->req.prompt.end());
       prefilling_.push_back(std::move(r));
     }
+    if (!waiting.empty()) {
+      absl::MutexLock lock(&mu_);
+      queue_.insert(queue_.begin(), std::make_move_iterator(waiting.begin()),
+                    std::make_move_iterator(waiting.end()));
+    }
     for (auto& [r, status] : refused) FinishRequest(*r, FinishReason::kError, status);
+    for (auto& [r, reason] : expired) FinishRequest(*r, reason);
     const absl::Time now = absl::Now();
     if (now >= next_expiry_) {
       ExpireOnLoop(now);
@@ -344,13 +364,17 @@ void Engine::FinishRequest(Request& r, FinishReason reason, absl::Status status)
   f.stop_string = r.matcher.matched_stop();
   f.prompt_tokens = r.prompt_tokens;
   f.completion_tokens = static_cast<int64_t>(r.output.size());
+  std::unique_ptr<Session> gone;  // a one-shot request's session, destroyed after the lock
   {
     absl::MutexLock lock(&mu_);
     r.session->busy = false;
-    --busy_;
     r.session->last_used = absl::Now();
     f.position = r.session->position;
+    // Gone before the generation counts as ended (WaitIdle) and before the sink hears of it.
+    if (r.req.delete_session_at_end) gone = EraseSessionLocked(sessions_.find(r.session->id));
+    --busy_;
   }
+  r.session = nullptr;
   r.sink->OnFinish(std::move(f));
 }
 

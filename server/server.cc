@@ -76,6 +76,8 @@ Server::~Server() { Drain(absl::ZeroDuration()).IgnoreError(); }
 int Server::port() const { return impl_->port; }
 int Server::metrics_port() const { return impl_->metrics_port; }
 int64_t Server::SnapshotAll() { return impl_->SnapshotAll().written; }
+int64_t Server::EngineSessions() const { return impl_->engine->Stats().sessions; }
+bool Server::WaitIdle(absl::Duration timeout) const { return impl_->engine->WaitIdle(timeout); }
 
 std::string Server::Describe() const {
   const engine::PoolStats s = impl_->engine->Stats();

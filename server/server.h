@@ -88,6 +88,10 @@ class Server {
   // Snapshots every idle session changed since its last save to the state directory now;
   // returns how many were written.
   int64_t SnapshotAll();
+  // Sessions the engine holds, one-shot requests' temporary ones included.
+  int64_t EngineSessions() const;
+  // Waits until no generation is queued or running; false on timeout.
+  bool WaitIdle(absl::Duration timeout) const;
 
   struct Impl;
 

@@ -705,7 +705,7 @@ absl::StatusOr<std::string> RetNetService::Admit(const grpc::ServerContextBase& 
 absl::StatusOr<Turn> RetNetService::PrepareTurn(grpc::CallbackServerContext* context,
                                                 const std::string& prefix,
                                                 const v1::GenerateRequest& request,
-                                                const std::string& fixed_session) {
+                                                const std::string& fixed_session, bool one_shot) {
   if (draining_.load())
     return absl::UnavailableError("server is draining; retry on another replica");
   ASSIGN_OR_RETURN(engine::SamplingParams sampling,
@@ -720,9 +720,18 @@ absl::StatusOr<Turn> RetNetService::PrepareTurn(grpc::CallbackServerContext* con
   // Resolve or create the session.
   Turn turn;
   absl::StatusOr<engine::SessionInfo> info;
-  if (public_id.empty()) {
+  std::string internal_id = prefix + public_id;
+  if (public_id.empty() && one_shot) {
+    // The engine creates it at submission and deletes it at the end: nothing is left, and it
+    // takes a device slot only once admitted (it waits in the queue while every slot is busy).
+    internal_id = absl::StrCat(prefix, kOneShotTag, RandomId());
+    info = engine::SessionInfo{};
+    turn.request.new_session = true;
+    turn.request.delete_session_at_end = true;
+  } else if (public_id.empty()) {
     public_id = RandomId();
-    info = engine_->CreateSession(prefix + public_id);
+    internal_id = prefix + public_id;
+    info = engine_->CreateSession(internal_id);
     turn.created = true;
   } else {
     info = FindSession(prefix + public_id);
@@ -735,7 +744,7 @@ absl::StatusOr<Turn> RetNetService::PrepareTurn(grpc::CallbackServerContext* con
   turn.public_id = public_id;
   turn.token_bytes = request.return_token_bytes();
   engine::GenerateRequest& req = turn.request;
-  req.session_id = prefix + public_id;
+  req.session_id = internal_id;
   req.sampling = std::move(sampling);
   const model::Tokenizer& tok = engine_->tokenizer();
   const bool fresh = info->position == 0 && !info->pending_token.has_value();
@@ -783,13 +792,15 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* RetNetService::Generate(
           reactor->Fail(absl::CancelledError("cancelled by the client"));
           return;
         }
-        auto turn = PrepareTurn(context, prefix, request, "");
+        auto turn = PrepareTurn(context, prefix, request, "", /*one_shot=*/true);
         if (!turn.ok()) {
           reactor->Fail(turn.status());
           return;
         }
         const std::string id = turn->request.session_id;
-        reactor->Start(engine_, *std::move(turn), PersistFor(id));
+        const TurnStream::Persist persist =
+            turn->request.delete_session_at_end ? nullptr : PersistFor(id);
+        reactor->Start(engine_, *std::move(turn), persist);
       });
   if (!queued.ok()) reactor->Fail(queued);
   return reactor;
@@ -805,7 +816,7 @@ grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* RetNetService::Chat
   return new ChatReactor(
       engine_, control_.get(),
       [this, context, prefix](const v1::GenerateRequest& turn, const std::string& session) {
-        return PrepareTurn(context, prefix, turn, session);
+        return PrepareTurn(context, prefix, turn, session, /*one_shot=*/false);
       },
       [this](const std::string& id) { return PersistFor(id); }, options_.metrics);
 }
@@ -879,6 +890,7 @@ grpc::ServerUnaryReactor* RetNetService::ListSessions(grpc::CallbackServerContex
   for (const auto& info : engine_->ListSessions(caller)) {
     // Without keys, the keyed sessions ("k<tag>/...") stay invisible too.
     if (caller.empty() && info.id.find('/') != std::string::npos) continue;
+    if (IsOneShotSession(info.id)) continue;  // a one-shot request's, gone when it ends
     ToProto(info, caller, reply->response()->add_sessions());
   }
   reply->Done(absl::OkStatus());

@@ -33,10 +33,18 @@ namespace retnet::server {
 // A validated turn, ready for the engine.
 struct Turn {
   engine::GenerateRequest request;
-  std::string public_id;
+  std::string public_id;  // empty for a one-shot request
   bool created = false;
   bool token_bytes = false;  // GenerateRequest.return_token_bytes
 };
+
+// A Generate that names no session runs on a temporary session that the engine deletes when the
+// generation ends (GenerateRequest.delete_session_at_end). Its internal id contains a space,
+// which public ids cannot: it is never listed, saved to the state directory or restored.
+inline constexpr char kOneShotTag[] = " one-shot ";
+inline bool IsOneShotSession(const std::string& internal_id) {
+  return internal_id.find(' ') != std::string::npos;
+}
 
 // Where sessions live outside the engine: the state directory, which replicas may share. The
 // service syncs a session with it before using it, tells it about deletions and, with write-
@@ -134,9 +142,11 @@ class RetNetService final : public RawRetNetService {
 
  private:
   // Validates a turn and resolves (or creates) its session; `fixed_session` pins a chat stream.
+  // `one_shot`: a turn that names no session runs on a temporary one (Generate); otherwise it
+  // creates a server-named session (a Chat stream's conversation).
   absl::StatusOr<Turn> PrepareTurn(grpc::CallbackServerContext* context, const std::string& prefix,
                                    const retnet::v1::GenerateRequest& request,
-                                   const std::string& fixed_session);
+                                   const std::string& fixed_session, bool one_shot);
 
   // The engine's session, synced with the store first.
   absl::StatusOr<engine::SessionInfo> FindSession(const std::string& id) const;

@@ -412,6 +412,7 @@ SaveReport StateDirectory::SaveAll() {
   SaveReport report;
   std::set<std::string> present;
   for (const auto& info : engine_->ListSessions()) {
+    if (IsOneShotSession(info.id)) continue;  // deleted when its generation ends
     const std::string name = SnapshotFileName(info.id);
     present.insert(name);
     ++report.sessions;

@@ -148,8 +148,8 @@ class Client {
 
   /**
    * Streams one turn's tokens as {id, text, logprob} (logprob is null unless requested); the
-   * Final message is left in `lastFinal`. An empty `session` creates a new one (its id is in
-   * lastFinal.sessionId). Breaking out of the loop cancels the call.
+   * Final message is left in `lastFinal`. An empty `session` makes a one-shot request that
+   * leaves no session behind (lastFinal.sessionId is empty). Breaking out of the loop cancels the call.
    */
   async *generate(prompt, opts = {}) {
     const req = Client.request(prompt, opts);

@@ -164,8 +164,9 @@ class Client:
                  token_bytes: bool = False) -> Iterator[Piece]:
         """Streams the turn's tokens; the Final message is left in `last_final`.
 
-        `prompt` is text or a sequence of token ids; an empty `session` creates a new one (its id
-        is in last_final.session_id); a named session is continued, or created if missing. Text is
+        `prompt` is text or a sequence of token ids; an empty `session` makes a one-shot request
+        that leaves no session behind (last_final.session_id is empty); a named session is
+        continued, or created if missing. Text is
         always valid UTF-8 (an incomplete character is held back until it completes; ill-formed
         bytes become U+FFFD); `token_bytes=True` also gives each token's exact bytes.
         Raises grpc.RpcError with the server's status code and message; a message that cannot be

@@ -651,5 +651,45 @@ TEST_F(EngineTest, SnapshotFromAnOlderVersionRestores) {
             Run(*e, "s", Bytes(" and more"), Greedy(9))->tokens());
 }
 
+// A one-shot request's new session costs nothing until admitted; while every slot holds a busy
+// session it waits in the queue (not refused), then runs like a fresh session, and it is gone
+// when it ends, however it ends.
+TEST_F(EngineTest, OneShotSessionsWaitForASlotAndLeaveNothing) {
+  auto e0 = MakeEngine();
+  ASSERT_TRUE(e0->CreateSession("fresh").ok());
+  const std::vector<int64_t> want = Run(*e0, "fresh", Bytes("One shot"), Greedy(6))->tokens();
+  EngineOptions options;
+  options.max_sessions = 1;
+  options.max_host_sessions = 1;
+  auto e = MakeEngine(options);
+  ASSERT_TRUE(e->CreateSession("a").ok());
+  auto busy = std::make_shared<TestSink>();
+  ASSERT_TRUE(e->Submit({"a", Bytes("hold the slot"), Greedy(300), std::nullopt}, busy).ok());
+  ASSERT_TRUE(busy->WaitTokens(1));
+  GenerateRequest one{"o1", Bytes("One shot"), Greedy(6), std::nullopt};
+  one.new_session = true;
+  one.delete_session_at_end = true;
+  auto sink = std::make_shared<TestSink>();
+  ASSERT_TRUE(e->Submit(one, sink).ok());
+  EXPECT_EQ(e->Submit(one, std::make_shared<TestSink>()).status().code(),
+            absl::StatusCode::kAlreadyExists);
+  auto cancelled = std::make_shared<TestSink>();
+  GenerateRequest two = one;
+  two.session_id = "o2";
+  auto g = e->Submit(two, cancelled);
+  ASSERT_TRUE(g.ok());
+  (*g)->Cancel();  // while it waits for the slot
+  ASSERT_TRUE(cancelled->WaitFinish());
+  EXPECT_EQ(cancelled->finish().reason, FinishReason::kCancelled);
+  ASSERT_TRUE(sink->WaitFinish());
+  EXPECT_EQ(sink->finish().reason, FinishReason::kLength);
+  EXPECT_EQ(sink->tokens(), want);
+  ASSERT_TRUE(busy->WaitFinish());
+  EXPECT_TRUE(e->WaitIdle(absl::Seconds(60)));
+  EXPECT_FALSE(e->GetSession("o1").ok());
+  EXPECT_FALSE(e->GetSession("o2").ok());
+  EXPECT_EQ(e->Stats().sessions, 1);
+}
+
 }  // namespace
 }  // namespace retnet::engine

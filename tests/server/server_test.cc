@@ -24,6 +24,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
@@ -191,13 +192,61 @@ TEST_F(ServerTest, GreedyStreamIsTheModelsGreedyTextAndSessionsContinue) {
   Result a2 = client_->Generate(Greedy("a", " unto", 10));
   ASSERT_TRUE(a2.status.ok());
   EXPECT_EQ(a2.final.usage().session_tokens_total(), 53 + 5 + 10);
-  // Token-id prompts work too, and a new session without an id gets one.
+  // Token-id prompts work too; a request that names no session is a one-shot request: it
+  // leaves no session behind (and names none).
   v1::GenerateRequest by_ids = Greedy("", "", 3);
   by_ids.mutable_tokens()->add_ids('A');
   Result c = client_->Generate(by_ids);
   ASSERT_TRUE(c.status.ok()) << c.status.error_message();
-  EXPECT_FALSE(c.final.session_id().empty());
-  EXPECT_TRUE(client_->Get(c.final.session_id()).ok());
+  EXPECT_EQ(c.tokens.size(), 3u);
+  EXPECT_TRUE(c.final.session_id().empty());
+}
+
+// One-shot requests cost no capacity: 2,000 of them, 8 at a time, against 4 device slots and 4
+// host places all succeed, and none leaves a session behind; one cancelled mid-stream and one
+// refused after its session was made leave nothing either.
+TEST(ServerOneShotTest, ThousandsOfOneShotRequestsLeaveNothingBehind) {
+  ServerOptions o = LocalOptions();
+  o.max_sessions = 4;
+  o.max_host_sessions = 4;
+  auto server = Server::Start(o);
+  ASSERT_TRUE(server.ok()) << server.status();
+  Client client((*server)->port());
+  constexpr int kRequests = 2000, kThreads = 8;
+  std::atomic<int> next{0}, ok{0};
+  std::vector<std::string> errors(kThreads);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = next++; i < kRequests; i = next++) {
+        Result r = client.Generate(Greedy("", i % 2 ? "Hi" : "And", 2));
+        if (r.status.ok() && r.tokens.size() == 2 && r.final.session_id().empty()) {
+          ++ok;
+        } else if (errors[t].empty()) {
+          errors[t] = absl::StrCat("request ", i, ": ", r.status.error_message());
+        }
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(ok.load(), kRequests) << absl::StrJoin(errors, "; ");
+  // Cancelled after its first chunk, and refused (a bad sampling field) after admission.
+  Result cancelled = client.Generate(Greedy("", "And God said", 200), /*stop_after=*/1);
+  EXPECT_EQ(cancelled.status.error_code(), grpc::StatusCode::CANCELLED);
+  v1::GenerateRequest bad = Greedy("", "x", 2);
+  bad.mutable_stopping()->add_stop_token_ids(-5);
+  EXPECT_EQ(client.Generate(bad).status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  // Nothing is left, listed or held (the cancelled generation ends within an engine iteration).
+  ASSERT_TRUE((*server)->WaitIdle(absl::Seconds(60)));
+  EXPECT_EQ((*server)->EngineSessions(), 0);
+  grpc::ClientContext ctx;
+  client.Prepare(&ctx);
+  v1::ListSessionsResponse list;
+  ASSERT_TRUE(client.stub()->ListSessions(&ctx, v1::ListSessionsRequest(), &list).ok());
+  EXPECT_EQ(list.sessions_size(), 0);
+  // And a named session still works, and stays.
+  ASSERT_TRUE(client.Generate(Greedy("kept", "And", 2)).status.ok());
+  EXPECT_TRUE(client.Get("kept").ok());
 }
 
 TEST_F(ServerTest, ConcurrentClientsOnDifferentSessions) {
