@@ -40,7 +40,7 @@ namespace {
 
 using Json = nlohmann::json;
 
-constexpr uint64_t kMaxFileBytes = uint64_t{512} << 20;
+constexpr uint64_t kMaxFileBytes = uint64_t{256} << 20;  // the largest real ones are ~40 MB
 constexpr int kMaxNesting = 32;
 constexpr size_t kCacheCapacity = 20000;
 constexpr size_t kMaxCachedWordBytes = 256;

@@ -10,8 +10,10 @@
 #include <sys/stat.h>
 
 #include <algorithm>
+#include <atomic>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <thread>
 
 #include "model/config.h"
 #include "model/tokenizer.h"
@@ -161,6 +163,41 @@ TEST(HfTokenizerTest, AddedTokensSplitFirstLongestMatch) {
   EXPECT_EQ(tok->TokenBytes(6), "[T]");
   EXPECT_EQ(tok->Decode({0, 4, 6, 1}), "a [T] b");  // no decoder: joined by spaces, as HF
   EXPECT_EQ(tok->Decode({-1, 99}), "");
+}
+
+TEST(HfTokenizerTest, NormalizedAddedTokensMatchAfterNormalization) {
+  Json j = Bpe({"x", "y", "<tag>"});
+  j["normalizer"] = {{"type", "Lowercase"}};
+  j["added_tokens"] =
+      Json::array({{{"id", 3}, {"content", "<Tag>"}, {"special", false}, {"normalized", true}},
+                   {{"id", 4}, {"content", "<RAW>"}, {"special", true}, {"normalized", false}}});
+  auto tok = Parse(j);
+  EXPECT_EQ(Ids(*tok, "X<TAG>y"), (std::vector<int64_t>{0, 3, 1}));
+  EXPECT_EQ(Ids(*tok, "x<tag>"), (std::vector<int64_t>{0, 3}));
+  EXPECT_EQ(Ids(*tok, "<RAW>x"), (std::vector<int64_t>{4, 0}));
+  EXPECT_EQ(tok->TokenBytes(3), "<Tag>");  // an added token's content, as HF decodes it
+}
+
+TEST(HfTokenizerTest, ConcurrentEncodesAgree) {
+  const std::vector<std::string> v = {"a", "b", "ab", "abab", " "};
+  Json j = Bpe(v, Json::array({"a b", "ab ab"}));
+  j["pre_tokenizer"] = {{"type", "WhitespaceSplit"}};
+  auto tok = Parse(j);
+  std::string text;
+  for (int i = 0; i < 200; ++i) text += std::string(1 + i % 7, 'a') + "b ab abab ";
+  const auto want = Ids(*tok, text);
+  std::vector<std::thread> threads;
+  std::atomic<int> bad{0};
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&] {
+      for (int k = 0; k < 50; ++k) {
+        auto ids = tok->Encode(text);
+        if (!ids.ok() || *ids != want) ++bad;
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(bad.load(), 0);
 }
 
 TEST(HfTokenizerTest, SplitBehaviours) {

@@ -12,7 +12,8 @@ Styles: gpt2 (ByteLevel pre-tokenizer and decoder), llama3 (Split with the Llama
 ByteLevel without regex; specials and lstrip/rstrip added tokens), llama_sp (SentencePiece-like:
 Prepend + Replace normalizers, byte_fallback, Replace/ByteFallback/Fuse/Strip decoders),
 metaspace (NFKC + Lowercase, Metaspace prepend_scheme first, byte_fallback) and gpt2_files
-(vocab.json + merges.txt; the JS side reads the equivalent tokenizer.json).
+(vocab.json + merges.txt; the JS side reads the equivalent tokenizer.json); synthetic (a
+64k-token byte-level vocabulary of random merge chains with the Llama-3 split).
 
 Usage: test_hf_tokenizer.py --tokenize build/bin/retnet-tokenize --node /usr/bin/node
 Exit code 77 (skipped) when node or the npm package is missing.
@@ -85,7 +86,7 @@ HELD_OUT = [
     "\u0f00 \u1000\u1001 \u16a0\u16a1 rare scripts \U00010348",
 ]
 
-BYTE_STYLES = {"gpt2", "llama3", "gpt2_files"}
+BYTE_STYLES = {"gpt2", "llama3", "gpt2_files", "synthetic"}
 
 # Pieces of random texts (fixed seed): every script and whitespace kind above, contractions,
 # digits, punctuation, ZWJ emoji, combining marks, the metaspace character itself and fragments
@@ -265,6 +266,43 @@ def make_llama3(d):
     return os.path.join(d, "tokenizer.json"), d, LLAMA3_SPECIALS
 
 
+def make_synthetic(d):
+    """A real-sized byte-level vocabulary (64k tokens, random merge chains up to 16 bytes) with
+    the Llama-3 split: deep merge sequences and a large rank table."""
+    rng = random.Random(1)
+    toks = sorted(BYTE_MAP.values())
+    vocab = {c: i for i, c in enumerate(toks)}
+    merges = []
+    while len(vocab) < 65536:
+        a = rng.choice(toks[-5000:] if len(toks) > 5000 and rng.random() < 0.5 else toks[:2000])
+        b = rng.choice(toks[:300])
+        if a + b in vocab or len(a + b) > 16:
+            continue
+        vocab[a + b] = len(vocab)
+        toks.append(a + b)
+        merges.append((a, b))
+    eot = len(vocab)
+    vocab["<|endoftext|>"] = eot
+    tj = tokenizer_json(
+        bpe_model(vocab, merges, array_merges=True), [added("<|endoftext|>", eot)],
+        pre_tokenizer={"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": LLAMA3_REGEX}, "behavior": "Isolated",
+             "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}]},
+        decoder={"type": "ByteLevel"})
+    write_json(os.path.join(d, "tokenizer.json"), tj)
+    # Texts made of the vocabulary's own long tokens, so that deep merge chains run.
+    inverse = {c: b for b, c in BYTE_MAP.items()}
+    words = []
+    for tok in toks[-20000:]:
+        try:
+            words.append(bytes(inverse[c] for c in tok).decode("utf-8"))
+        except UnicodeDecodeError:
+            pass
+    extra = ["".join(rng.choice(words) for _ in range(rng.randint(1, 8))) for _ in range(100)]
+    return os.path.join(d, "tokenizer.json"), d, ["<|endoftext|>"], extra
+
+
 def sp_words(texts, normalize):
     counts = collections.Counter()
     for t in texts:
@@ -391,15 +429,18 @@ def main():
             ("llama3", make_llama3),
             ("llama_sp", lambda d: make_sp(d, metaspace=False)),
             ("metaspace", lambda d: make_sp(d, metaspace=True)),
+            ("synthetic", make_synthetic),
         ]
         for name, make in styles:
             d = os.path.join(tmp, name)
             os.mkdir(d)
-            tj_path, cxx_dir, specials = make(d)
+            made = make(d)
+            tj_path, cxx_dir, specials = made[:3]
             config = os.path.join(d, "tokenizer_config.json")
             texts = texts_for(specials)
             if name == "llama3":
                 texts += ["x [CODE]  print(1)  [/CODE]   y", "[CODE][/CODE]", "a\t[CODE]\n\nb"]
+            texts += made[3] if len(made) > 3 else []
             rng = random.Random(1234)
             texts += fuzz_texts(rng, specials, args.fuzz)
             info, _ = run_cxx(args.tokenize, cxx_dir, [])
@@ -427,7 +468,11 @@ def main():
             # SentencePiece-like styles, byte fallback (<0x00>..<0xFF> are ids 3..258).
             n_ids = sum(len(g.get("ids", [])) for g in got)
             n_bytes = sum(len(t.encode("utf-8")) for t in texts)
-            if not n_ids * 10 < n_bytes * (7 if name in BYTE_STYLES else 9):
+            if name == "synthetic":
+                # Random merges rarely fit real text: require merged tokens in use instead.
+                if sum(1 for g in got for i in g.get("ids", []) if 256 <= i < 65536) < 500:
+                    failures.append("synthetic: merges are not exercised")
+            elif not n_ids * 10 < n_bytes * (7 if name in BYTE_STYLES else 9):
                 failures.append("%s: %d ids for %d bytes: merges are not exercised"
                                 % (name, n_ids, n_bytes))
             if name in ("llama_sp", "metaspace") and not any(
