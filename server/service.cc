@@ -702,6 +702,12 @@ absl::StatusOr<std::string> RetNetService::Admit(const grpc::ServerContextBase& 
   return keys_->Authenticate(context);
 }
 
+absl::Status RetNetService::HasTokenizer(const char* what) const {
+  if (engine_->tokenizer().kind() != "none") return absl::OkStatus();
+  return absl::FailedPreconditionError(absl::StrCat(
+      what, ": the model has no tokenizer (ids only): send prompts as token ids (tokens.ids)"));
+}
+
 absl::StatusOr<Turn> RetNetService::PrepareTurn(grpc::CallbackServerContext* context,
                                                 const std::string& prefix,
                                                 const v1::GenerateRequest& request,
@@ -710,6 +716,10 @@ absl::StatusOr<Turn> RetNetService::PrepareTurn(grpc::CallbackServerContext* con
     return absl::UnavailableError("server is draining; retry on another replica");
   ASSIGN_OR_RETURN(engine::SamplingParams sampling,
                    ConvertSampling(request, options_.default_max_new_tokens));
+  if (request.has_text()) RETURN_IF_ERROR(HasTokenizer("text"));
+  if (!sampling.stop_strings.empty()) {
+    RETURN_IF_ERROR(HasTokenizer("stopping.stop (use stopping.stop_token_ids)"));
+  }
   std::string public_id = fixed_session.empty() ? request.session_id() : fixed_session;
   if (!fixed_session.empty() && !request.session_id().empty() &&
       request.session_id() != fixed_session) {
@@ -1001,6 +1011,10 @@ grpc::ServerUnaryReactor* RetNetService::Tokenize(grpc::CallbackServerContext* c
   auto request = std::make_shared<v1::TokenizeRequest>();
   std::string caller;
   if (!Begin(context, in, request.get(), reply, &caller)) return reply;
+  if (absl::Status has = HasTokenizer("Tokenize"); !has.ok()) {
+    reply->Done(has);
+    return reply;
+  }
   auto tokenize = [this, reply, request] {
     const model::Tokenizer& tok = engine_->tokenizer();
     auto ids = tok.Encode(request->text());
@@ -1026,6 +1040,10 @@ grpc::ServerUnaryReactor* RetNetService::Detokenize(grpc::CallbackServerContext*
   v1::DetokenizeRequest request;
   std::string caller;
   if (!Begin(context, in, &request, reply, &caller)) return reply;
+  if (absl::Status has = HasTokenizer("Detokenize"); !has.ok()) {
+    reply->Done(has);
+    return reply;
+  }
   const int64_t vocab = engine_->model_vocab_size();
   auto ids = std::make_shared<std::vector<int64_t>>();
   ids->reserve(request.ids_size());

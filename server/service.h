@@ -148,6 +148,9 @@ class RetNetService final : public RawRetNetService {
                                    const retnet::v1::GenerateRequest& request,
                                    const std::string& fixed_session, bool one_shot);
 
+  // FAILED_PRECONDITION naming `what` when the model has no tokenizer (an ids-only checkpoint).
+  absl::Status HasTokenizer(const char* what) const;
+
   // The engine's session, synced with the store first.
   absl::StatusOr<engine::SessionInfo> FindSession(const std::string& id) const;
 
