@@ -18,6 +18,18 @@
 //    `rstrip`, `single_word` and `normalized`; special ones decode to nothing.
 // The post-processor is ignored: Encode never adds BOS/EOS (callers add BOS themselves).
 //
+// Where HF's Rust crate and its JS port (@huggingface/tokenizers, the oracle of
+// tests/model/test_hf_tokenizer.py) disagree, this follows the Rust crate: Metaspace `split`
+// (default true) splits before each replacement character; Punctuation isolates each mark;
+// Digits and Whitespace use Unicode classes (\p{N}, \w); Split honours every behaviour and
+// `invert`; an invalid byte run in ByteFallback decodes to one U+FFFD per byte; "first" means "at
+// offset 0 of the input". The Metaspace decoder drops one leading space of the first token, as
+// the JS port does (older Rust releases drop every "▁" of the first token). Regexes run on PCRE2,
+// not Oniguruma: \s may differ on U+0085 (NEL). Unicode normalization is ICU's (Debian 12: ICU 72).
+// Not supported (InvalidArgument naming the type): WordPiece/Unigram models, BPE dropout, the
+// Precompiled/BertNormalizer normalizers, Bert/Replace/FixedLength pre-tokenizers and the
+// WordPiece/CTC decoders.
+//
 // bos/eos come from `tokenizer_config.json` next to the file (`bos_token` / `eos_token`, a string
 // or {"content": ...}) when present, else from common names; -1 when none.
 //
