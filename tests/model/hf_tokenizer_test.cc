@@ -128,6 +128,33 @@ TEST(HfTokenizerTest, ByteFallbackAndUnknownTokens) {
   EXPECT_EQ(Ids(*fused, "xyhi"), (std::vector<int64_t>{0, static_cast<int64_t>(v.size())}));
 }
 
+TEST(HfTokenizerTest, ByteFallbackOnlyEqualsTheByteTokenizer) {
+  // <0xNN> = NN, <s> = 256, </s> = 257 and no merges: the built-in byte tokenizer as
+  // tokenizer.json.
+  std::vector<std::string> v;
+  for (int b = 0; b < 256; ++b) {
+    char name[8];
+    snprintf(name, sizeof(name), "<0x%02X>", b);
+    v.push_back(name);
+  }
+  Json j = Bpe(v);
+  j["model"]["byte_fallback"] = true;
+  j["added_tokens"] = Json::array({{{"id", 256}, {"content", "<s>"}, {"special", true}},
+                                   {{"id", 257}, {"content", "</s>"}, {"special", true}}});
+  j["decoder"] = {
+      {"type", "Sequence"},
+      {"decoders", Json::array({Json{{"type", "ByteFallback"}}, Json{{"type", "Fuse"}}})}};
+  auto tok = Parse(j);
+  auto bytes = MakeByteTokenizer(256, 257);
+  const std::string text = "The LORD \xE2\x82\xAC \xF0\x9F\x98\x80\n\t\x01";
+  EXPECT_EQ(Ids(*tok, text), *bytes->Encode(text));
+  EXPECT_EQ(tok->bos_id(), 256);
+  EXPECT_EQ(tok->eos_id(), 257);
+  EXPECT_EQ(tok->vocab_size(), 258);
+  for (int64_t id = 0; id < 258; ++id) EXPECT_EQ(tok->TokenBytes(id), bytes->TokenBytes(id));
+  EXPECT_EQ(tok->Decode(Ids(*tok, text)), text);
+}
+
 TEST(HfTokenizerTest, ContinuingSubwordPrefixAndSuffix) {
   Json j = Bpe({"a", "##b", "ab", "c</w>"}, Json::array({"a ##b"}));
   j["model"]["continuing_subword_prefix"] = "##";
