@@ -688,7 +688,6 @@ class PreTokenizer {
  public:
   virtual ~PreTokenizer() = default;
   virtual absl::Status Apply(std::vector<Piece>* pieces) const = 0;
-  virtual bool IsByteLevel() const { return false; }
 };
 
 const char kGpt2Pattern[] =
@@ -720,7 +719,6 @@ class ByteLevelPreTokenizer final : public PreTokenizer {
     *pieces = std::move(split);
     return absl::OkStatus();
   }
-  bool IsByteLevel() const override { return true; }
 
  private:
   bool add_prefix_space_;
@@ -849,12 +847,6 @@ class SequencePreTokenizer final : public PreTokenizer {
     for (const auto& p : parts_) RETURN_IF_ERROR(p->Apply(pieces));
     return absl::OkStatus();
   }
-  bool IsByteLevel() const override {
-    for (const auto& p : parts_) {
-      if (p->IsByteLevel()) return true;
-    }
-    return false;
-  }
 
  private:
   std::vector<std::unique_ptr<PreTokenizer>> parts_;
@@ -962,7 +954,6 @@ class Decoder {
   virtual ~Decoder() = default;
   virtual absl::Status Apply(std::vector<DecTok>* toks) const = 0;
   virtual void ApplyOne(std::string* token) const = 0;
-  virtual bool IsByteLevel() const { return false; }
 };
 
 class ByteLevelDecoder final : public Decoder {
@@ -987,7 +978,6 @@ class ByteLevelDecoder final : public Decoder {
     return absl::OkStatus();
   }
   void ApplyOne(std::string* token) const override { *token = ByteLevelToBytes(*token); }
-  bool IsByteLevel() const override { return true; }
 };
 
 class ByteFallbackDecoder final : public Decoder {
@@ -1142,12 +1132,6 @@ class SequenceDecoder final : public Decoder {
   }
   void ApplyOne(std::string* token) const override {
     for (const auto& p : parts_) p->ApplyOne(token);
-  }
-  bool IsByteLevel() const override {
-    for (const auto& p : parts_) {
-      if (p->IsByteLevel()) return true;
-    }
-    return false;
   }
 
  private:
