@@ -39,7 +39,12 @@ Engine::Engine(std::shared_ptr<const model::RetNet> model,
     : model_(std::move(model)),
       tokenizer_(std::move(tokenizer)),
       options_(options),
-      eos_id_(tokenizer_->eos_id() >= 0 ? tokenizer_->eos_id() : model_->config().eos_token_id) {}
+      eos_id_(tokenizer_->eos_id() >= 0 ? tokenizer_->eos_id() : model_->config().eos_token_id) {
+  if (eos_id_ >= 0) eos_ids_.push_back(eos_id_);
+  for (int64_t id : model_->config().eos_token_ids) {
+    if (std::find(eos_ids_.begin(), eos_ids_.end(), id) == eos_ids_.end()) eos_ids_.push_back(id);
+  }
+}
 
 absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
     std::shared_ptr<const model::RetNet> model, std::shared_ptr<const model::Tokenizer> tokenizer,
@@ -140,6 +145,8 @@ ModelSummary Engine::model_summary() const {
   m.head_v_dim = c.head_v_dim();
   m.vocab_size = c.vocab_size;
   m.parameters = model::ParameterCount(c);
+  m.add_bos_token = c.add_bos_token;
+  m.eos_token_ids = eos_ids_;
   return m;
 }
 

@@ -173,6 +173,8 @@ struct ModelSummary {
   std::string family, layout;
   int64_t num_layers = 0, hidden_size = 0, num_heads = 0, head_k_dim = 0, head_v_dim = 0;
   int64_t vocab_size = 0, parameters = 0;
+  int add_bos_token = -1;              // tokenizer_config.json: 1 / 0, -1 when it does not say
+  std::vector<int64_t> eos_token_ids;  // every id that ends a generation
 };
 
 class Engine {
@@ -281,6 +283,8 @@ class Engine {
   const std::shared_ptr<const model::Tokenizer> tokenizer_;
   const EngineOptions options_;
   const int64_t eos_id_;  // the tokenizer's EOS, else the config's; -1 when neither has one
+  // Every id that ends a generation: eos_id_ and the checkpoint's EOS list (generation config).
+  std::vector<int64_t> eos_ids_;
   int64_t slots_ = 0;
   uint64_t fingerprint_ = 0;
   struct Pool;

@@ -269,7 +269,6 @@ void Engine::Decode() {
   for (auto& r : decoding_) rows.push_back(r.get());
   for (auto& r : joining) rows.push_back(r.get());
   std::vector<SampleRow> sample_rows(rows.size());
-  const int64_t eos = eos_id_;
   for (size_t i = 0; i < rows.size(); ++i) {
     Request& r = *rows[i];
     SampleRow& row = sample_rows[i];
@@ -279,7 +278,9 @@ void Engine::Decode() {
     row.prompt_tokens = &r.session->history;
     row.output_tokens = &r.output;
     if (static_cast<int64_t>(r.output.size()) < r.req.sampling.min_tokens) {
-      if (eos >= 0 && !r.req.sampling.ignore_eos) row.suppress.push_back(eos);
+      if (!r.req.sampling.ignore_eos) {
+        row.suppress.insert(row.suppress.end(), eos_ids_.begin(), eos_ids_.end());
+      }
       row.suppress.insert(row.suppress.end(), r.req.sampling.stop_token_ids.begin(),
                           r.req.sampling.stop_token_ids.end());
     }
@@ -325,8 +326,8 @@ bool Engine::Deliver(Request& r, const SampleResult& sample) {
     ++r.session->counter;
   }
   r.output.push_back(token);
-  const int64_t eos = eos_id_;
-  const bool is_eos = token == eos && eos >= 0 && !p.ignore_eos;
+  const bool is_eos =
+      !p.ignore_eos && std::find(eos_ids_.begin(), eos_ids_.end(), token) != eos_ids_.end();
   const bool is_stop_id =
       std::find(p.stop_token_ids.begin(), p.stop_token_ids.end(), token) != p.stop_token_ids.end();
   TokenEvent event;

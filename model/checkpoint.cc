@@ -95,6 +95,28 @@ class ConfigReader {
     ASSIGN_OR_RETURN(int64_t v, Int(key, -1));
     return InRange(key, v, -1, kMaxVocab - 1);
   }
+  // An id or a list of ids (eos_token_id in Llama-3 style configs); empty when absent or -1.
+  absl::StatusOr<std::vector<int64_t>> TokenIds(const std::string& key) const {
+    std::vector<int64_t> out;
+    if (!Has(key)) return out;
+    if (!j_[key].is_array()) {
+      ASSIGN_OR_RETURN(int64_t v, TokenId(key));
+      if (v >= 0) out.push_back(v);
+      return out;
+    }
+    if (j_[key].size() > 64) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(path_, ": field '", key, "' lists more than 64 ids"));
+    }
+    for (const json& e : j_[key]) {
+      if (!e.is_number_integer() || e.get<int64_t>() < 0 || e.get<int64_t>() >= kMaxVocab) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(path_, ": field '", key, "' holds something that is not a token id"));
+      }
+      out.push_back(e.get<int64_t>());
+    }
+    return out;
+  }
   // A finite number in (0, max].
   absl::StatusOr<double> Factor(const std::string& key, double def, double max) const {
     ASSIGN_OR_RETURN(double v, Number(key, def));
@@ -333,7 +355,8 @@ absl::StatusOr<Mapping> ParseFla(const ConfigReader& cfg, TensorSource& src) {
   ASSIGN_OR_RETURN(c.tied_head, cfg.Bool("tie_word_embeddings", false));
   ASSIGN_OR_RETURN(bool affine, cfg.Bool("elementwise_affine", true));
   ASSIGN_OR_RETURN(c.bos_token_id, cfg.TokenId("bos_token_id"));
-  ASSIGN_OR_RETURN(c.eos_token_id, cfg.TokenId("eos_token_id"));
+  ASSIGN_OR_RETURN(c.eos_token_ids, cfg.TokenIds("eos_token_id"));
+  c.eos_token_id = c.eos_token_ids.empty() ? -1 : c.eos_token_ids[0];
   c.rotary = Rotary::kRotateHalf;
   c.scale_on = ScaleOn::kQuery;
   c.retention_norm = RetentionNorm::kRaw;
@@ -441,7 +464,8 @@ absl::StatusOr<Mapping> ParseTorchscale(const ConfigReader& cfg, TensorSource& s
   ASSIGN_OR_RETURN(bool shared, cfg.Bool("share_decoder_input_output_embed", false));
   ASSIGN_OR_RETURN(bool tied, cfg.Bool("tie_word_embeddings", shared));
   ASSIGN_OR_RETURN(c.bos_token_id, cfg.TokenId("bos_token_id"));
-  ASSIGN_OR_RETURN(c.eos_token_id, cfg.TokenId("eos_token_id"));
+  ASSIGN_OR_RETURN(c.eos_token_ids, cfg.TokenIds("eos_token_id"));
+  c.eos_token_id = c.eos_token_ids.empty() ? -1 : c.eos_token_ids[0];
   c.tied_head = tied;
   c.embed_scale = no_scale ? 1.0 : std::sqrt(static_cast<double>(c.hidden_size));
   c.rotary = Rotary::kInterleaved;
@@ -620,6 +644,41 @@ auto NoThrow(const std::string& dir, Fn&& fn) -> decltype(fn()) {
   }
 }
 
+// generation_config.json (EOS ids, BOS) and tokenizer_config.json (add_bos_token), when present:
+// the defaults HF's generate() takes from them. Ids outside the vocabulary are refused.
+absl::Status ReadGenerationDefaults(const std::string& dir, ModelConfig* c) {
+  const std::string gen_path = dir + "/generation_config.json";
+  if (Exists(gen_path)) {
+    ASSIGN_OR_RETURN(json g, ReadJson(gen_path));
+    ConfigReader gen(g, gen_path);
+    ASSIGN_OR_RETURN(std::vector<int64_t> eos, gen.TokenIds("eos_token_id"));
+    if (!eos.empty()) c->eos_token_ids = eos;
+    ASSIGN_OR_RETURN(int64_t bos, gen.TokenId("bos_token_id"));
+    if (c->bos_token_id < 0) c->bos_token_id = bos;
+    c->eos_token_id = c->eos_token_ids.empty() ? -1 : c->eos_token_ids[0];
+  }
+  for (int64_t id : c->eos_token_ids) {
+    if (c->vocab_size > 0 && id >= c->vocab_size) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          dir, ": eos_token_id ", id, " is outside the vocabulary of ", c->vocab_size));
+    }
+  }
+  if (c->vocab_size > 0 && c->bos_token_id >= c->vocab_size) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        dir, ": bos_token_id ", c->bos_token_id, " is outside the vocabulary of ", c->vocab_size));
+  }
+  const std::string tok_path = dir + "/tokenizer_config.json";
+  if (Exists(tok_path)) {
+    ASSIGN_OR_RETURN(json t, ReadJson(tok_path));
+    ConfigReader tok(t, tok_path);
+    if (tok.Has("add_bos_token")) {
+      ASSIGN_OR_RETURN(bool add, tok.Bool("add_bos_token", true));
+      c->add_bos_token = add ? 1 : 0;
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<Checkpoint> ReadCheckpointUnchecked(const std::string& dir) {
   if (!IsDir(dir))
     return absl::NotFoundError(absl::StrCat(dir, ": checkpoint directory not found"));
@@ -670,6 +729,7 @@ absl::StatusOr<Checkpoint> ReadCheckpointUnchecked(const std::string& dir) {
     ASSIGN_OR_RETURN(ckpt.weights.tensors[internal], src.Get(name->second, shape, internal));
   }
   RETURN_IF_ERROR(src.CheckAllUsed());
+  RETURN_IF_ERROR(ReadGenerationDefaults(dir, &ckpt.config));  // once the weights fit
   return ckpt;
 }
 

@@ -89,7 +89,13 @@ struct ModelConfig {
   bool per_layer_buffers = false;  // seed stores decay/angle per layer
 
   int64_t bos_token_id = -1;
-  int64_t eos_token_id = -1;
+  int64_t eos_token_id = -1;  // the first of eos_token_ids, -1 when none
+  // Every id that ends a generation: config.json's eos_token_id (an id or a list), replaced by
+  // generation_config.json's when that file has one.
+  std::vector<int64_t> eos_token_ids;
+  // tokenizer_config.json's add_bos_token: 1 yes, 0 no, -1 not said (the server then adds the
+  // tokenizer's BOS to a new session's first turn).
+  int add_bos_token = -1;
 
   int64_t head_k_dim() const { return num_heads > 0 ? key_dim / num_heads : 0; }
   int64_t head_v_dim() const { return num_heads > 0 ? value_dim / num_heads : 0; }

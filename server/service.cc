@@ -758,7 +758,10 @@ absl::StatusOr<Turn> RetNetService::PrepareTurn(grpc::CallbackServerContext* con
   req.sampling = std::move(sampling);
   const model::Tokenizer& tok = engine_->tokenizer();
   const bool fresh = info->position == 0 && !info->pending_token.has_value();
-  if (fresh && (!request.has_add_bos() || request.add_bos()) && tok.bos_id() >= 0) {
+  // Unset: what the checkpoint's tokenizer_config.json says (add_bos_token), else yes.
+  const bool add_bos =
+      request.has_add_bos() ? request.add_bos() : engine_->model_summary().add_bos_token != 0;
+  if (fresh && add_bos && tok.bos_id() >= 0) {
     req.prompt.push_back(tok.bos_id());
   }
   if (request.has_text()) {

@@ -691,5 +691,30 @@ TEST_F(EngineTest, OneShotSessionsWaitForASlotAndLeaveNothing) {
   EXPECT_EQ(e->Stats().sessions, 1);
 }
 
+// Every id of the checkpoint's EOS list (generation_config.json) ends a generation.
+TEST_F(EngineTest, AnyIdOfTheEosListEndsTheGeneration) {
+  std::vector<int64_t> free_run;
+  {
+    auto e = MakeEngine();
+    ASSERT_TRUE(e->CreateSession("s").ok());
+    free_run = Run(*e, "s", Bytes("Stop here"), Greedy(20))->tokens();
+  }
+  ASSERT_EQ(free_run.size(), 20u);
+  const int64_t stop = free_run[6];
+  const size_t first = std::find(free_run.begin(), free_run.end(), stop) - free_run.begin();
+  model::ModelConfig c = model_->config();
+  c.eos_token_ids = {stop};                        // besides the tokenizer's EOS (257)
+  auto m = model::RetNet::CreateRandom(c, 5, {});  // SmallModel's weights
+  ASSERT_TRUE(m.ok()) << m.status();
+  auto e = MakeEngine({}, std::shared_ptr<const model::RetNet>(std::move(m).value()));
+  ASSERT_TRUE(e->CreateSession("s").ok());
+  SamplingParams p = Greedy(20);
+  p.ignore_eos = false;
+  auto sink = Run(*e, "s", Bytes("Stop here"), p);
+  EXPECT_EQ(sink->finish().reason, FinishReason::kEos);
+  EXPECT_EQ(sink->tokens(), std::vector<int64_t>(free_run.begin(), free_run.begin() + first + 1));
+  EXPECT_EQ(e->model_summary().eos_token_ids.size(), 2u);
+}
+
 }  // namespace
 }  // namespace retnet::engine

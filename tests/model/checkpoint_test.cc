@@ -117,6 +117,34 @@ TEST_F(CheckpointTest, LoadsFlaSingleFile) {
   ExpectSameAsReference();
 }
 
+// EOS as an id or a list in config.json; generation_config.json's list replaces it and gives the
+// BOS; tokenizer_config.json's add_bos_token is kept; ids outside the vocabulary are refused.
+TEST_F(CheckpointTest, ReadsGenerationAndTokenizerConfigDefaults) {
+  WriteConfig(FlaConfigJson(R"(, "eos_token_id": [7, 9])"));
+  WriteWeights(tensors_);
+  auto c = ReadCheckpoint(dir_);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->config.eos_token_ids, std::vector<int64_t>({7, 9}));
+  EXPECT_EQ(c->config.eos_token_id, 7);
+  EXPECT_EQ(c->config.add_bos_token, -1);
+  std::ofstream(dir_ + "/generation_config.json")
+      << R"({"bos_token_id": 1, "eos_token_id": [3, 4, 5]})";
+  std::ofstream(dir_ + "/tokenizer_config.json") << R"({"add_bos_token": false})";
+  c = ReadCheckpoint(dir_);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->config.eos_token_ids, std::vector<int64_t>({3, 4, 5}));
+  EXPECT_EQ(c->config.eos_token_id, 3);
+  EXPECT_EQ(c->config.bos_token_id, 1);
+  EXPECT_EQ(c->config.add_bos_token, 0);
+  std::ofstream(dir_ + "/generation_config.json") << R"({"eos_token_id": [3, 61]})";
+  ExpectError(absl::StatusCode::kInvalidArgument, {"eos_token_id 61", "vocabulary"});
+  std::ofstream(dir_ + "/generation_config.json") << R"({"eos_token_id": ["x"]})";
+  ExpectError(absl::StatusCode::kInvalidArgument, {"generation_config.json", "eos_token_id"});
+  std::ofstream(dir_ + "/generation_config.json") << R"({})";
+  std::ofstream(dir_ + "/tokenizer_config.json") << R"({"add_bos_token": "yes"})";
+  ExpectError(absl::StatusCode::kInvalidArgument, {"tokenizer_config.json", "add_bos_token"});
+}
+
 TEST_F(CheckpointTest, LoadsShardedCheckpoint) {
   WriteConfig(FlaConfigJson());
   std::vector<std::pair<std::string, at::Tensor>> a(tensors_.begin(), tensors_.begin() + 7);
