@@ -371,6 +371,26 @@ absl::StatusOr<std::vector<SampleResult>> SampleBatch(const at::Tensor& logits,
   std::vector<SampleResult> results(rows.size());
   if (p.batch == 0) return results;
 
+  // Host fast path, the common case of a CPU model: every row greedy with nothing to apply (no
+  // bias, penalty, suppression or log probabilities) is an argmax over the raw logits, read in
+  // place: no tensor op at all. Same rules as Greedy(): the first maximum; a row holding a NaN
+  // gives vocab - 1.
+  if (logits.device().is_cpu() && logits.is_contiguous() && p.sample_rows.empty() &&
+      p.max_logprobs < 0 && p.bias_rows.empty() && p.pen_rows.empty() && p.sup_rows.empty()) {
+    const float* x = logits.data_ptr<float>();
+    for (int64_t b = 0; b < p.batch; ++b) {
+      const float* row = x + b * p.vocab;
+      int64_t best = 0;
+      bool nan = false;
+      for (int64_t v = 0; v < p.vocab; ++v) {
+        nan = nan || std::isnan(row[v]);
+        if (row[v] > row[best]) best = v;
+      }
+      results[b].token = nan ? p.vocab - 1 : best;
+    }
+    return results;
+  }
+
   c10::InferenceMode guard;
   const DevicePlan d = ToDevice(p, logits.device());
   const at::Tensor x = Process(logits, p, d);

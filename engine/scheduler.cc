@@ -285,7 +285,8 @@ void Engine::Decode() {
                           r.req.sampling.stop_token_ids.end());
     }
   }
-  absl::StatusOr<std::vector<SampleResult>> samples = SampleBatch(at::cat(logits, 0), sample_rows);
+  absl::StatusOr<std::vector<SampleResult>> samples =
+      SampleBatch(logits.size() == 1 ? logits[0] : at::cat(logits, 0), sample_rows);
 
   std::vector<bool> done(rows.size(), true);
   if (samples.ok()) {

@@ -157,6 +157,26 @@ TEST(SampleBatchTest, GreedyIsArgmaxWithLowestIdOnTies) {
   EXPECT_EQ(One(Logits({{-std::numeric_limits<float>::infinity(), 0.5f, 0.5f}}), Row(&greedy)), 1);
 }
 
+// Plain greedy rows of a contiguous CPU tensor take the host argmax (no tensor ops); a strided
+// view of the same logits takes the tensor path. Both give the same ids, ties and NaN included.
+TEST(SampleBatchTest, HostGreedyFastPathEqualsTheTensorPath) {
+  SamplingParams greedy;
+  greedy.temperature = 0;
+  at::Tensor x = RandomLogits(9, 300, 17);
+  x[2][7] = x[2].max().item<float>() + 1;  // a tie at the maximum: the lower id wins
+  x[2][250] = x[2][7].item<float>();
+  x[5][11] = std::numeric_limits<float>::quiet_NaN();
+  x[6].fill_(-std::numeric_limits<float>::infinity());
+  const at::Tensor strided = x.t().contiguous().t();  // same values, not contiguous
+  ASSERT_FALSE(strided.is_contiguous());
+  std::vector<SampleRow> rows(9, Row(&greedy));
+  const auto fast = Sample(x, rows);
+  const auto slow = Sample(strided, rows);
+  for (int64_t b = 0; b < 9; ++b) EXPECT_EQ(fast[b].token, slow[b].token) << "row " << b;
+  EXPECT_EQ(fast[2].token, 7);
+  EXPECT_EQ(fast[5].token, 299);  // a NaN row gives vocab - 1, as the tensor path does
+}
+
 TEST(SampleBatchTest, TopK1IsGreedyAtAnyTemperature) {
   const at::Tensor x = RandomLogits(1, 100, 5);
   SamplingParams greedy;
