@@ -503,8 +503,9 @@ int main(int argc, char** argv) {
 
   if (gen->parsed()) {
     v1::GenerateRequest req;
-    req.set_session_id(session.empty() ? retnet::client::NewSessionId() : session);
-    req.set_create_session(true);
+    // Without --session: a one-shot request, which leaves no session on the server.
+    req.set_session_id(session);
+    req.set_create_session(!session.empty());
     if (!token_list.empty()) {
       if (!prompt.empty()) return FailUsage("give a prompt text or --tokens, not both");
       auto ids = ParseIds(token_list, "--tokens");

@@ -122,7 +122,7 @@ class Client {
 
   /** The GenerateRequest for a prompt (text, or an array/iterable of token ids) and options. */
   static request(prompt, {
-    session = '', maxNewTokens = 128, temperature = 0.0, topK = 0, topP = null, seed = null,
+    session = '', maxNewTokens = null, temperature = null, topK = 0, topP = null, seed = null,
     stop = [], ignoreEos = false, logprobs = null, logitBias = null, tokenBytes = false,
   } = {}) {
     // A named session is continued, or created under that name if it does not exist.
@@ -134,10 +134,14 @@ class Client {
     } else {
       throw new TypeError('prompt must be a string or an array of token ids');
     }
-    req.sampling = { temperature, topK };
+    // Unset (null) = the server's default (temperature 1.0, --default-max-new-tokens), as with
+    // retnet-client and any other client of the API.
+    req.sampling = { topK };
+    if (temperature != null) req.sampling.temperature = temperature;
     if (topP != null) req.sampling.topP = topP;
     if (seed != null) req.sampling.seed = seed;
-    req.stopping = { maxNewTokens, stop: Array.from(stop), ignoreEos };
+    req.stopping = { stop: Array.from(stop), ignoreEos };
+    if (maxNewTokens != null) req.stopping.maxNewTokens = maxNewTokens;
     if (logprobs != null) req.logprobs = logprobs;
     if (logitBias != null) {
       req.sampling.logitBias = {};

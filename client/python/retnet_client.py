@@ -136,7 +136,8 @@ class Client:
         self.close()
 
     @staticmethod
-    def _request(prompt, session: str, max_new_tokens: int, temperature: float, seed: Optional[int],
+    def _request(prompt, session: str, max_new_tokens: Optional[int], temperature: Optional[float],
+                 seed: Optional[int],
                  stop: Sequence[str], ignore_eos: bool, logprobs: Optional[int],
                  logit_bias: Optional[Dict[int, float]] = None,
                  token_bytes: bool = False) -> "pb.GenerateRequest":
@@ -146,10 +147,14 @@ class Client:
             req.text = prompt
         else:
             req.tokens.ids.extend(int(t) for t in prompt)
-        req.sampling.temperature = temperature
+        # Unset = the server's default (temperature 1.0, --default-max-new-tokens), as with
+        # retnet-client and any other client of the API.
+        if temperature is not None:
+            req.sampling.temperature = temperature
         if seed is not None:
             req.sampling.seed = seed
-        req.stopping.max_new_tokens = max_new_tokens
+        if max_new_tokens is not None:
+            req.stopping.max_new_tokens = max_new_tokens
         req.stopping.stop.extend(stop)
         req.stopping.ignore_eos = ignore_eos
         if logprobs is not None:
@@ -158,7 +163,8 @@ class Client:
             req.sampling.logit_bias[int(tid)] = float(bias)
         return req
 
-    def generate(self, prompt, session: str = "", max_new_tokens: int = 128, temperature: float = 0.0,
+    def generate(self, prompt, session: str = "", max_new_tokens: Optional[int] = None,
+                 temperature: Optional[float] = None,
                  seed: Optional[int] = None, stop: Sequence[str] = (), ignore_eos: bool = False,
                  logprobs: Optional[int] = None, logit_bias: Optional[Dict[int, float]] = None,
                  token_bytes: bool = False) -> Iterator[Piece]:
@@ -221,7 +227,8 @@ class Client:
             pending.put(None)
             call.cancel()
 
-    def request(self, prompt, session: str = "", max_new_tokens: int = 128, temperature: float = 0.0,
+    def request(self, prompt, session: str = "", max_new_tokens: Optional[int] = None,
+                temperature: Optional[float] = None,
                 seed: Optional[int] = None, stop: Sequence[str] = (), ignore_eos: bool = False,
                 logprobs: Optional[int] = None, logit_bias: Optional[Dict[int, float]] = None,
                 token_bytes: bool = False) -> "pb.GenerateRequest":

@@ -36,7 +36,7 @@ def main() -> int:
         with Client(target) as c:
             info = c.model_info()
             check(info.vocab_size == 258, "model info: vocab 258")
-            a = c.complete("In the beginning", session="py-a", max_new_tokens=30, ignore_eos=True)
+            a = c.complete("In the beginning", session="py-a", max_new_tokens=30, temperature=0, ignore_eos=True)
             check(len(a.tokens) == 30 and a.final.usage.completion_tokens == 30, "30 tokens and usage")
             check(bytes(a.tokens).decode("utf-8", "replace") == a.text, "text is the bytes of the ids")
             # The raw stub, same request on a fresh session: the same ids.
@@ -54,13 +54,23 @@ def main() -> int:
                 cxx = json.loads(out.stdout) if out.returncode == 0 else {}
                 check(cxx.get("tokens") == a.tokens, "client ids equal the C++ retnet-client's")
             # One session continued across two calls == one call over the joined conversation.
-            first = c.complete("And God", session="py-b", max_new_tokens=10, ignore_eos=True)
-            second = c.complete(" said", session="py-b", max_new_tokens=10, ignore_eos=True)
+            first = c.complete("And God", session="py-b", max_new_tokens=10, temperature=0, ignore_eos=True)
+            second = c.complete(" said", session="py-b", max_new_tokens=10, temperature=0, ignore_eos=True)
             # (the server puts BOS in front of a new session's first turn, ids or text alike)
             convo = list(b"And God") + first.tokens + list(b" said")
-            whole = c.complete(convo, session="py-c", max_new_tokens=10, ignore_eos=True)
+            whole = c.complete(convo, session="py-c", max_new_tokens=10, temperature=0, ignore_eos=True)
             check(second.tokens == whole.tokens, "a continued session equals one pass over the conversation")
             check(c.session("py-b").position == 1 + len(convo) + 10 - 1, "session position counts the conversation")
+            # The library's defaults are the server's: unset fields (temperature 1.0 and
+            # --default-max-new-tokens there), and a call without a session is one-shot.
+            plain = c.request("x")
+            check(not plain.sampling.HasField("temperature") and plain.stopping.max_new_tokens == 0
+                  and plain.session_id == "" and not plain.create_session,
+                  "defaults: temperature and max_new_tokens unset, no session")
+            one = c.complete("In the beginning", max_new_tokens=3)
+            check(len(one.tokens) == 3 and one.final.session_id == ""
+                  and all(s.session_id in ("py-a", "py-raw", "py-cxx", "py-b", "py-c") for s in c.list_sessions()),
+                  "a call without a session leaves none behind")
             try:
                 c.complete("x", session="py-d", temperature=-1.0)
                 check(False, "negative temperature refused")

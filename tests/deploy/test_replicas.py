@@ -116,7 +116,7 @@ def main():
             return [{s.session_id: s.position for s in direct[i].list_sessions()} for i in which]
 
         def greedy(c, prompt, session, n):
-            return c.complete(prompt, session=session, max_new_tokens=n, ignore_eos=True)
+            return c.complete(prompt, session=session, max_new_tokens=n, temperature=0, ignore_eos=True)
 
         # 1. Many sessions, two turns each, all through the gateway.
         ids = [f"conv-{i}" for i in range(24)]
@@ -177,7 +177,7 @@ def main():
 
         # 4. SIGTERM replica 0 while one of its sessions is generating (through the gateway).
         busy = moving[0]
-        pieces = via.generate(" Amen", session=busy, max_new_tokens=200, ignore_eos=True)
+        pieces = via.generate(" Amen", session=busy, max_new_tokens=200, temperature=0, ignore_eos=True)
         got = [next(pieces).id]
         replicas[victim].proc.send_signal(signal.SIGTERM)
         got += [p.id for p in pieces]
