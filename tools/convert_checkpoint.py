@@ -14,6 +14,11 @@ format: OUT_DIR/config.json + OUT_DIR/model.safetensors.
     convert_checkpoint.py retnet.pt OUT_DIR --seed-args '{"num_heads": 8}'
     convert_checkpoint.py retnet.pt OUT_DIR --msr-gate-fn gelu --mlp-mult 4
 
+    # tokenizer from another directory; fairseq GPT-2 BPE dictionary
+    convert_checkpoint.py model.pt OUT_DIR --config c.json --tokenizer-dir HF
+    convert_checkpoint.py checkpoint_best.pt OUT_DIR --fairseq-dict dict.txt \
+        --gpt2-encoder encoder.json --gpt2-bpe vocab.bpe
+
 --config and --seed-args take a JSON file path or an inline JSON object.
 Tensor names are kept exactly (so the loader's family detection applies);
 non-tensor entries and fairseq bookkeeping (``*.version``) are dropped, and
@@ -26,6 +31,17 @@ from the checkpoint's cfg/args or the overrides; where neither has them the
 documented upstream defaults are used with a warning.  The result is loaded
 back with the Python reference (retnet_ref.py) and run on a few tokens
 unless --no-verify is given.
+
+Tokenizer: the tokenizer files of the checkpoint's directory (or of
+--tokenizer-dir) are copied to OUT_DIR: tokenizer.json,
+tokenizer_config.json, special_tokens_map.json, generation_config.json,
+vocab.json, merges.txt, tokenizer.model (regular files only; a symlink only
+where it stays inside that directory; each file carried or skipped is
+reported).  A fairseq GPT-2 BPE model (dict.txt over GPT-2's encoder.json
+and vocab.bpe, given with --fairseq-dict/--gpt2-encoder/--gpt2-bpe or all
+three found in that directory) becomes vocab.json (token -> fairseq index),
+merges.txt and tokenizer_config.json (bos <s>, eos </s>, add_bos_token
+false); see convert_tokenizer.py.  --no-tokenizer carries nothing.
 
 Exit status 0 on success; 1 with one line on stderr on failure.
 """
@@ -42,6 +58,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import retnet_ref  # noqa: E402
 from safetensors_io import save_file  # noqa: E402
+import convert_tokenizer  # noqa: E402
+from convert_tokenizer import TokenizerError  # noqa: E402
 
 
 class ConvertError(Exception):
@@ -424,8 +442,21 @@ def verify(out_dir):
 
 
 def convert(src_path, out_dir, family="auto", config=None, seed_args=None,
-            dtype=None, do_verify=True):
-    """Library entry point; returns (config dict, tensor dict)."""
+            dtype=None, do_verify=True, tokenizer=True, tokenizer_dir=None,
+            fairseq_dict=None, gpt2_encoder=None, gpt2_bpe=None,
+            report=None):
+    """Library entry point; returns (config dict, tensor dict).  REPORT (a
+    list) receives the tokenizer's stdout lines and its warnings are
+    printed with warn()."""
+    plan = None
+    if tokenizer:
+        # Planned (and validated) before anything is written.
+        plan = convert_tokenizer.plan_tokenizer(
+            os.path.dirname(os.path.abspath(src_path)), tokenizer_dir,
+            fairseq_dict, gpt2_encoder, gpt2_bpe)
+    elif any(x is not None for x in (tokenizer_dir, fairseq_dict,
+                                     gpt2_encoder, gpt2_bpe)):
+        raise ConvertError("--no-tokenizer with tokenizer options")
     try:
         obj = torch_load(src_path)
     except (OSError, RuntimeError, pickle.UnpicklingError, EOFError) as e:
@@ -450,6 +481,10 @@ def convert(src_path, out_dir, family="auto", config=None, seed_args=None,
         cfg = dict(config)
         cfg.setdefault("model_type", "retnet")
         cfg["family"] = "fla"
+    if plan is not None:
+        vocab = cfg.get("vocab_size")
+        convert_tokenizer.check_vocab_size(
+            plan, vocab if isinstance(vocab, int) and vocab > 0 else None)
     sd = _cast(sd, dtype)
     sd = {k: v.contiguous() for k, v in sd.items()}
     os.makedirs(out_dir, exist_ok=True)
@@ -459,6 +494,15 @@ def convert(src_path, out_dir, family="auto", config=None, seed_args=None,
     save_file(sd, os.path.join(out_dir, "model.safetensors"),
               metadata={"format": "pt",
                         "source": os.path.basename(src_path)})
+    if plan is not None:
+        lines = convert_tokenizer.write_tokenizer(plan, out_dir)
+        for name, reason in plan.skipped:
+            warn(f"tokenizer: not carried: "
+                 f"{os.path.join(plan.source_dir, name)}: {reason}")
+        for w in plan.warnings:
+            warn(f"tokenizer: {w}")
+        if report is not None:
+            report.extend(lines)
     if do_verify:
         try:
             verify(out_dir)
@@ -512,6 +556,17 @@ def main(argv=None):
                     help="cast weights (decay/angle buffers stay float32)")
     ap.add_argument("--no-verify", action="store_true",
                     help="skip loading the result with retnet_ref")
+    ap.add_argument("--tokenizer-dir", help="take the tokenizer files from "
+                    "this directory instead of the checkpoint's")
+    ap.add_argument("--fairseq-dict", help="fairseq dict.txt of a GPT-2 BPE "
+                    "model (default: DIR/dict.txt with encoder.json and "
+                    "vocab.bpe)")
+    ap.add_argument("--gpt2-encoder", help="GPT-2 encoder.json (default: "
+                    "next to dict.txt)")
+    ap.add_argument("--gpt2-bpe", help="GPT-2 vocab.bpe (default: next to "
+                    "dict.txt)")
+    ap.add_argument("--no-tokenizer", action="store_true",
+                    help="write no tokenizer files")
     try:
         args = ap.parse_args(argv)
         seed_args = read_json_arg(args.seed_args, "--seed-args")
@@ -520,17 +575,23 @@ def main(argv=None):
             if v is not None:
                 seed_args[k] = v
         config = read_json_arg(args.config, "--config")
+        report = []
         cfg, sd = convert(args.input, args.out_dir, args.family, config,
                           seed_args,
                           getattr(torch, args.dtype) if args.dtype else None,
-                          not args.no_verify)
-    except (ConvertError, ValueError, KeyError) as e:
+                          not args.no_verify, not args.no_tokenizer,
+                          args.tokenizer_dir, args.fairseq_dict,
+                          args.gpt2_encoder, args.gpt2_bpe, report)
+    except (ConvertError, TokenizerError, OSError, ValueError,
+            KeyError) as e:
         msg = " ".join(str(e).split())
         print(f"convert_checkpoint: error: {msg}", file=sys.stderr)
         return 1
     n_params = sum(v.numel() for v in sd.values())
     print(f"wrote {args.out_dir}: family {cfg['family']}, {len(sd)} tensors, "
           f"{n_params:,} elements")
+    for line in report:
+        print(line)
     return 0
 
 

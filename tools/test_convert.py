@@ -10,12 +10,22 @@ argparse.Namespace / unimportable config object, old-style {"model",
 and checks that the directory loads back with identical tensors, the
 expected config.json, and the same reference forward output as the golden
 case.  Also checks that inconsistent inputs are rejected with one stderr
-line.  Exits non-zero on any failure.
+line.  Tokenizers: an fla checkpoint's tokenizer files are carried (and
+retnet-tokenize encodes the same from the output as from the source), and a
+synthetic fairseq GPT-2 BPE setup (encoder.json, vocab.bpe, dict.txt built
+here) becomes a vocab.json + merges.txt whose ids are the dict.txt indices.
+retnet-tokenize: --tokenize, else $RETNET_TOKENIZE, else bin/ next to the
+ctest working directory (BUILD/tests), else build/bin of the checkout.
+Exits non-zero on any failure.
 """
 
 import argparse
+import collections
 import json
 import os
+import random
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -31,6 +41,7 @@ from safetensors_io import load_file  # noqa: E402
 
 CONVERTER = os.path.join(HERE, "convert_checkpoint.py")
 FAILURES = []
+TOKENIZE = None  # retnet-tokenize, set by main()
 
 
 def check(cond, what):
@@ -259,11 +270,405 @@ def test_rejections(tmp, seed):
               f"{lines[-1][:90] if lines else ''}")
 
 
+# ---------------------------------------------------------------------------
+# Tokenizers
+# ---------------------------------------------------------------------------
+
+def bytes_to_unicode():
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + \
+        list(range(0xAE, 0x100))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+BYTE_MAP = bytes_to_unicode()
+# GPT-2's split regex, restricted to ASCII (\p{L} -> [A-Za-z], \p{N} ->
+# [0-9]); the test texts are ASCII.
+GPT2_ASCII_RE = re.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+|"""
+                           r""" ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+""")
+CORPUS = ["the cat sat on the mat and the dog sat on the log",
+          "then the other cat ate the rat, and that was that",
+          "a theme: then there, the three thin things"]
+TEXTS = ["the cat sat on the mat", "then the dog ate that rat, and the cat",
+         "a thin theme  there"]
+
+
+def words(text):
+    return [tuple(BYTE_MAP[b] for b in w.encode("utf-8"))
+            for w in GPT2_ASCII_RE.findall(text)]
+
+
+def train_bpe(texts, num_merges):
+    """Most frequent pair first (ties: the larger pair)."""
+    counts = collections.Counter(w for t in texts for w in words(t))
+    ws = [[list(w), c] for w, c in counts.items()]
+    merges = []
+    for _ in range(num_merges):
+        pairs = collections.Counter()
+        for syms, c in ws:
+            for a, b in zip(syms, syms[1:]):
+                pairs[(a, b)] += c
+        if not pairs:
+            break
+        (a, b), _ = max(pairs.items(), key=lambda kv: (kv[1], kv[0]))
+        merges.append((a, b))
+        for w in ws:
+            w[0] = merge_word(w[0], a, b)
+    return merges
+
+
+def merge_word(syms, a, b):
+    out, i = [], 0
+    while i < len(syms):
+        if i + 1 < len(syms) and syms[i] == a and syms[i + 1] == b:
+            out.append(a + b)
+            i += 2
+        else:
+            out.append(syms[i])
+            i += 1
+    return out
+
+
+def gpt2_bpe(text, merges):
+    """GPT-2's encoder.bpe: per word, merge the best-ranked pair until none
+    applies.  Returns the token strings."""
+    ranks = {m: i for i, m in enumerate(merges)}
+    out = []
+    for w in words(text):
+        syms = list(w)
+        while len(syms) > 1:
+            best = min(zip(syms, syms[1:]),
+                       key=lambda p: ranks.get(p, float("inf")))
+            if best not in ranks:
+                break
+            syms = merge_word(syms, *best)
+        out.extend(syms)
+    return out
+
+
+def find_tokenize(arg):
+    cands = [arg, os.environ.get("RETNET_TOKENIZE"),
+             os.path.join(os.getcwd(), "..", "bin", "retnet-tokenize"),
+             os.path.join(HERE, "..", "build", "bin", "retnet-tokenize")]
+    for c in cands:
+        if c and os.path.isfile(c) and os.access(c, os.X_OK):
+            return os.path.abspath(c)
+    return None
+
+
+def tokenize(directory, texts, vocab_size=None):
+    """retnet-tokenize --json: (info dict, [output dicts]) or None."""
+    cmd = [TOKENIZE, "--dir", directory, "--json"]
+    if vocab_size is not None:
+        cmd += ["--vocab-size", str(vocab_size)]
+    p = subprocess.run(cmd, input="".join(json.dumps({"text": t}) + "\n"
+                                          for t in texts),
+                       capture_output=True, text=True)
+    if not check(p.returncode == 0,
+                 f"retnet-tokenize --dir {os.path.basename(directory)}"
+                 f"{' --vocab-size %d' % vocab_size if vocab_size else ''} "
+                 f"exit 0 ({p.stderr.strip()[:200]})"):
+        return None
+    lines = [json.loads(x) for x in p.stdout.splitlines()]
+    return lines[0], lines[1:]
+
+
+def same_bytes(a, b):
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        return fa.read() == fb.read()
+
+
+def test_tokenizer_carry(tmp, seed):
+    print("tokenizer files carried (fla):")
+    case = golden_cases.build_case("fla", seed)
+    src = os.path.join(tmp, "fla_src")
+    os.makedirs(os.path.join(src, "sub"))
+    torch.save(case.state_dict, os.path.join(src, "model.pt"))
+    with open(os.path.join(src, "config.json"), "w") as f:
+        json.dump(case.config, f)
+    merges = train_bpe(CORPUS, 30)
+    vocab = {}
+    for c in sorted(BYTE_MAP.values()):
+        vocab[c] = len(vocab)
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    eot = len(vocab)
+    vocab["<|endoftext|>"] = eot
+    check(eot < case.config["vocab_size"], f"test tokenizer fits ({eot})")
+    tj = {"version": "1.0", "truncation": None, "padding": None,
+          "added_tokens": [{"id": eot, "content": "<|endoftext|>",
+                            "single_word": False, "lstrip": False,
+                            "rstrip": False, "normalized": False,
+                            "special": True}],
+          "normalizer": None,
+          "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False,
+                            "trim_offsets": True, "use_regex": True},
+          "post_processor": None,
+          "decoder": {"type": "ByteLevel", "add_prefix_space": True,
+                      "trim_offsets": True, "use_regex": True},
+          "model": {"type": "BPE", "dropout": None, "unk_token": None,
+                    "continuing_subword_prefix": None,
+                    "end_of_word_suffix": None, "fuse_unk": False,
+                    "byte_fallback": False, "ignore_merges": False,
+                    "vocab": vocab,
+                    "merges": [f"{a} {b}" for a, b in merges]}}
+    files = {"tokenizer.json": tj,
+             "tokenizer_config.json": {"bos_token": "<|endoftext|>",
+                                       "eos_token": "<|endoftext|>",
+                                       "add_bos_token": False},
+             "generation_config.json": {"eos_token_id": eot,
+                                        "bos_token_id": eot}}
+    for name, obj in files.items():
+        with open(os.path.join(src, name), "w", encoding="utf-8") as f:
+            json.dump(obj, f, ensure_ascii=False)
+    # A symlink that stays inside the source is carried as a file; one
+    # that leads out of it is not followed.
+    with open(os.path.join(src, "sub", "stm.json"), "w") as f:
+        json.dump({"eos_token": "<|endoftext|>"}, f)
+    os.symlink(os.path.join("sub", "stm.json"),
+               os.path.join(src, "special_tokens_map.json"))
+    outside = os.path.join(tmp, "outside_secret")
+    with open(outside, "w") as f:
+        f.write("not a tokenizer\n")
+    os.symlink(outside, os.path.join(src, "tokenizer.model"))
+
+    out = os.path.join(tmp, "fla_out")
+    expect_cfg = dict(case.config, family="fla")
+    rc, so, se = run_converter(os.path.join(src, "model.pt"), out,
+                               "--config", os.path.join(src, "config.json"))
+    if not check(rc == 0, f"converter exit 0 (stderr: {se.strip()[:300]})"):
+        return
+    with open(os.path.join(out, "config.json")) as f:
+        check(json.load(f) == expect_cfg, "config.json as expected")
+    for name in list(files) + ["special_tokens_map.json"]:
+        dst = os.path.join(out, name)
+        check(os.path.isfile(dst) and not os.path.islink(dst) and
+              same_bytes(dst, os.path.join(src, name)),
+              f"{name} carried as a regular file, same bytes")
+    check(not os.path.lexists(os.path.join(out, "tokenizer.model")),
+          "symlink out of the source not carried")
+    check("tokenizer.model" in se and "outside" in se,
+          f"skipped symlink reported on stderr: {se.strip()[:160]}")
+    check("carried" in so and "tokenizer.json" in so,
+          f"carried files listed on stdout: "
+          f"{[x for x in so.splitlines() if 'carried' in x][:1]}")
+    if TOKENIZE is None:
+        check(False, "retnet-tokenize found (pass --tokenize)")
+        return
+    a = tokenize(src, TEXTS)
+    b = tokenize(out, TEXTS)
+    c = tokenize(out, TEXTS, vocab_size=case.config["vocab_size"])
+    if a and b and c:
+        check(a == b, "retnet-tokenize --dir OUT == --dir SRC (ids, decode)")
+        check(c[1] == a[1], "LoadTokenizer selection on OUT: same ids")
+        ids = [i for r in b[1] for i in r["ids"]]
+        check(any(i >= 256 for i in ids) and
+              [r["decode"] for r in b[1]] == TEXTS,
+              "merged tokens used and the texts decode back")
+
+    # --tokenizer-dir: a state dict in a directory of its own.
+    bare = os.path.join(tmp, "fla_bare")
+    os.makedirs(bare)
+    shutil.copy(os.path.join(src, "model.pt"), bare)
+    out2 = os.path.join(tmp, "fla_out2")
+    rc, so, se = run_converter(os.path.join(bare, "model.pt"), out2,
+                               "--config", os.path.join(src, "config.json"),
+                               "--tokenizer-dir", src)
+    check(rc == 0 and same_bytes(os.path.join(out2, "tokenizer.json"),
+                                 os.path.join(src, "tokenizer.json")),
+          f"--tokenizer-dir carries tokenizer.json ({se.strip()[:200]})")
+    rc, so, se = run_converter(os.path.join(bare, "model.pt"),
+                               os.path.join(tmp, "fla_out3"),
+                               "--config", os.path.join(src, "config.json"))
+    check(rc == 0 and "no tokenizer files" in so and not os.path.lexists(
+        os.path.join(tmp, "fla_out3", "tokenizer.json")),
+          "no tokenizer files: none written, and said so")
+    rc, _, se = run_converter(os.path.join(bare, "model.pt"),
+                              os.path.join(tmp, "fla_out4"),
+                              "--config", os.path.join(src, "config.json"),
+                              "--tokenizer-dir", os.path.join(tmp, "nope"))
+    check(rc != 0 and "--tokenizer-dir" in se and
+          not os.path.exists(os.path.join(tmp, "fla_out4")),
+          f"missing --tokenizer-dir refused before writing: {se.strip()}")
+
+
+def make_fairseq(tmp, seed):
+    """encoder.json / vocab.bpe (GPT-2 style: 256 byte symbols, merges,
+    <|endoftext|>) and the dict.txt symbols in fairseq order."""
+    merges = train_bpe(CORPUS, 40)
+    encoder = {}
+    for b in range(256):  # GPT-2 ids are not in dict.txt order
+        encoder[BYTE_MAP[b]] = len(encoder)
+    for a, b in merges:
+        encoder.setdefault(a + b, len(encoder))
+    encoder["<|endoftext|>"] = len(encoder)
+    gpt2 = os.path.join(tmp, "gpt2")
+    os.makedirs(gpt2)
+    with open(os.path.join(gpt2, "encoder.json"), "w",
+              encoding="utf-8") as f:
+        json.dump(encoder, f, ensure_ascii=False)
+    with open(os.path.join(gpt2, "vocab.bpe"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n")
+        for a, b in merges:
+            f.write(f"{a} {b}\n")
+    # dict.txt: the corpus's tokens, less two merge results that no other
+    # merge builds on and the texts never produce (fairseq keeps only the
+    # tokens of its training data), in a shuffled order with counts.
+    used = {t for text in CORPUS + TEXTS for t in gpt2_bpe(text, merges)}
+    parts = {x for a, b in merges for x in (a, b)}
+    text_tokens = {t for text in TEXTS for t in gpt2_bpe(text, merges)}
+    droppable = [a + b for a, b in merges
+                 if a + b not in parts and a + b not in text_tokens]
+    dropped = set(droppable[-2:])
+    chars = {c for text in CORPUS + TEXTS for w in words(text) for c in w}
+    dict_tokens = sorted((chars | used | {a + b for a, b in merges})
+                         - dropped)
+    random.Random(seed).shuffle(dict_tokens)
+    return encoder, merges, dict_tokens, dropped, gpt2
+
+
+def write_dict(path, lines):
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("".join(x + "\n" for x in lines))
+
+
+def test_fairseq_tokenizer(tmp, seed):
+    print("fairseq GPT-2 BPE dictionary:")
+    case = golden_cases.build_case("torchscale", seed)
+    encoder, merges, dict_tokens, dropped, gpt2 = make_fairseq(tmp, seed)
+    dict_lines = [f"{encoder[t]} {1000 - i}" for i, t in
+                  enumerate(dict_tokens)]
+    dict_lines += ["madeupword0000 0", "madeupword0001 0"]
+    check(len(dropped) == 2 and 4 + len(dict_lines) <= case.config[
+        "vocab_size"], f"test setup: {len(dict_lines)} dict entries, "
+          f"dropped {sorted(dropped)}")
+    src = os.path.join(tmp, "fs_src")
+    os.makedirs(src)
+    ckpt = os.path.join(src, "checkpoint_best.pt")
+    torch.save({"model": case.state_dict,
+                "cfg": {"model": fairseq_model_cfg(case.config)}}, ckpt)
+    dict_path = os.path.join(src, "dict.txt")
+    write_dict(dict_path, dict_lines)
+    enc_path = os.path.join(gpt2, "encoder.json")
+    bpe_path = os.path.join(gpt2, "vocab.bpe")
+    out = os.path.join(tmp, "fs_out")
+    rc, so, se = run_converter(ckpt, out, "--fairseq-dict", dict_path,
+                               "--gpt2-encoder", enc_path,
+                               "--gpt2-bpe", bpe_path)
+    if not check(rc == 0, f"converter exit 0 (stderr: {se.strip()[:300]})"):
+        return
+    want_vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    for i, t in enumerate(dict_tokens):
+        want_vocab[t] = i + 4
+    n = len(dict_tokens) + 4
+    want_vocab.update({"madeupword0000": n, "madeupword0001": n + 1})
+    with open(os.path.join(out, "vocab.json"), encoding="utf-8") as f:
+        got_vocab = json.load(f)
+    check(got_vocab == want_vocab, "vocab.json: token -> fairseq index")
+    with open(os.path.join(out, "merges.txt"), encoding="utf-8") as f:
+        got_merges = f.read().splitlines()
+    want_merges = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges
+                                       if a + b not in dropped]
+    check(got_merges == want_merges,
+          f"merges.txt: header and the {len(want_merges) - 1} merges into "
+          f"the vocabulary, in order ({len(got_merges) - 1} written)")
+    with open(os.path.join(out, "tokenizer_config.json")) as f:
+        tc = json.load(f)
+    check(tc.get("bos_token") == "<s>" and tc.get("eos_token") == "</s>"
+          and tc.get("add_bos_token") is False,
+          f"tokenizer_config.json: {tc}")
+    check("byte symbols" in se, "missing byte symbols warned about")
+    check("fairseq" in so and "dict.txt" in so,
+          f"stdout reports the dictionary: "
+          f"{[x for x in so.splitlines() if 'tokenizer' in x][:1]}")
+    # What fairseq computes: GPT-2 ids of the text's BPE tokens, then the
+    # dict.txt line of each id + 4.
+    dict_index = {int(line.split()[0]): i + 4
+                  for i, line in enumerate(dict_lines)
+                  if line.split()[0].isdigit()}
+    want = []
+    for text in TEXTS:
+        toks = gpt2_bpe(text, merges)
+        check(all(encoder[t] in dict_index for t in toks),
+              f"test setup: every token of {text!r} is in dict.txt")
+        want.append([dict_index[encoder[t]] for t in toks])
+    if TOKENIZE is None:
+        check(False, "retnet-tokenize found (pass --tokenize)")
+        return
+    for vs in (None, case.config["vocab_size"]):
+        r = tokenize(out, TEXTS, vs)
+        if r:
+            info, rows = r
+            check([x.get("ids") for x in rows] == want,
+                  f"ids are the fairseq indices (vocab_size={vs}): "
+                  f"{rows[0].get('ids')} vs {want[0]}")
+            check([x.get("decode") for x in rows] == TEXTS,
+                  "the texts decode back")
+            check(info.get("bos_id") == 0 and info.get("eos_id") == 2,
+                  f"bos 0, eos 2: {info}")
+
+    # Detected in the checkpoint's directory, without flags.
+    det = os.path.join(tmp, "fs_detect")
+    os.makedirs(det)
+    for p in (ckpt, dict_path, enc_path, bpe_path):
+        shutil.copy(p, det)
+    rc, so, se = run_converter(os.path.join(det, "checkpoint_best.pt"),
+                               os.path.join(tmp, "fs_detect_out"))
+    check(rc == 0 and all(same_bytes(os.path.join(out, n), os.path.join(
+        tmp, "fs_detect_out", n)) for n in ("vocab.json", "merges.txt",
+                                            "tokenizer_config.json")),
+          f"dict.txt + encoder.json + vocab.bpe detected ({se.strip()[:200]})")
+
+    # Errors: named line, nonzero exit, one stderr line, nothing written.
+    bad_id = max(encoder.values()) + 1000
+    cases = [
+        ("dict id missing from encoder.json",
+         dict_lines[:2] + [f"{bad_id} 7"] + dict_lines[2:], "line 3",
+         str(bad_id)),
+        ("unknown dict symbol", dict_lines[:4] + ["hello 3"], "line 5",
+         "hello"),
+        ("malformed dict line", dict_lines[:1] + ["464"], "line 2", "COUNT"),
+        ("duplicate dict entry", dict_lines + dict_lines[:1],
+         f"line {len(dict_lines) + 1}", "duplicate"),
+        ("dict larger than the model's vocabulary",
+         [f"{i} 1" for i in sorted(encoder.values())], "vocabulary",
+         str(case.config["vocab_size"])),
+    ]
+    for k, (what, lines, where, word) in enumerate(cases):
+        d = os.path.join(tmp, f"fs_bad{k}")
+        os.makedirs(d)
+        write_dict(os.path.join(d, "dict.txt"), lines)
+        o = os.path.join(tmp, f"fs_bad{k}_out")
+        rc, _, se = run_converter(ckpt, o, "--fairseq-dict",
+                                  os.path.join(d, "dict.txt"),
+                                  "--gpt2-encoder", enc_path,
+                                  "--gpt2-bpe", bpe_path)
+        lines_err = se.strip().splitlines()
+        check(rc != 0 and len(lines_err) == 1 and where in se and word in se
+              and not os.path.exists(o),
+              f"{what}: exit {rc}, {len(lines_err)} line(s): "
+              f"{lines_err[-1][:150] if lines_err else ''}")
+    rc, _, se = run_converter(ckpt, os.path.join(tmp, "fs_noenc"),
+                              "--fairseq-dict", dict_path)
+    check(rc != 0 and "--gpt2-encoder" in se,
+          f"--fairseq-dict without encoder.json: {se.strip()[:150]}")
+
+
 def main():
+    global TOKENIZE
     ap = argparse.ArgumentParser(description="convert_checkpoint.py tests")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep", help="keep the work files in this directory")
+    ap.add_argument("--tokenize", help="retnet-tokenize binary")
     args = ap.parse_args()
+    TOKENIZE = find_tokenize(args.tokenize)
+    print(f"retnet-tokenize: {TOKENIZE}")
     with tempfile.TemporaryDirectory(prefix="test_convert.") as tmp:
         tmp = args.keep or tmp
         os.makedirs(tmp, exist_ok=True)
@@ -271,6 +676,8 @@ def main():
         test_torchscale_v1(tmp, args.seed)
         test_seed(tmp, args.seed)
         test_rejections(tmp, args.seed)
+        test_tokenizer_carry(tmp, args.seed)
+        test_fairseq_tokenizer(tmp, args.seed)
     if FAILURES:
         print(f"test_convert: {len(FAILURES)} FAILED")
         return 1
