@@ -235,7 +235,7 @@ class Canary(threading.Thread):
                 for i in range(CANARY_TURNS):
                     prompt = "In the beginning" if i == 0 else " And"
                     r = self.c.complete(prompt, session=f"{self.prefix}-{n}", max_new_tokens=CANARY_TOKENS,
-                                        ignore_eos=True)
+                                        temperature=0, ignore_eos=True)
                     turns.append(r.tokens)
                 self.c.delete_session(f"{self.prefix}-{n}")
         except Exception as e:  # reported by the main thread
