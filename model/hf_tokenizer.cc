@@ -8,14 +8,11 @@
 #include "model/hf_tokenizer.h"
 
 #define PCRE2_CODE_UNIT_WIDTH 8
-#include <errno.h>
-#include <fcntl.h>
 #include <pcre2.h>
 #include <sys/stat.h>
 #include <unicode/uchar.h>
 #include <unicode/unorm2.h>
 #include <unicode/ustring.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cctype>
@@ -34,6 +31,7 @@
 #include "absl/strings/str_format.h"
 #include "common/status_macros.h"
 #include "common/utf8.h"
+#include "model/files.h"
 
 namespace retnet::model {
 namespace {
@@ -49,37 +47,7 @@ constexpr size_t kMaxCachedWordBytes = 256;
 // Files.
 
 absl::StatusOr<std::string> ReadFile(const std::string& path) {
-  // O_NONBLOCK: a FIFO must not block the open; only regular files are read.
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-  if (fd < 0) {
-    if (errno == ENOENT) return absl::NotFoundError(absl::StrCat(path, ": no such file"));
-    return absl::InvalidArgumentError(absl::StrCat(path, ": cannot open: ", std::strerror(errno)));
-  }
-  struct stat st {};
-  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-    ::close(fd);
-    return absl::InvalidArgumentError(absl::StrCat(path, ": not a regular file"));
-  }
-  std::string data;
-  char buf[1 << 16];
-  while (true) {
-    const ssize_t n = ::read(fd, buf, sizeof(buf));
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) {
-      const int err = errno;
-      ::close(fd);
-      return absl::InvalidArgumentError(absl::StrCat(path, ": read: ", std::strerror(err)));
-    }
-    if (n == 0) break;
-    if (data.size() + static_cast<size_t>(n) > kMaxFileBytes) {
-      ::close(fd);
-      return absl::InvalidArgumentError(
-          absl::StrCat(path, ": larger than the limit of ", kMaxFileBytes, " bytes"));
-    }
-    data.append(buf, static_cast<size_t>(n));
-  }
-  ::close(fd);
-  return data;
+  return ReadRegularFile(path, kMaxFileBytes);
 }
 
 bool Exists(const std::string& path) {

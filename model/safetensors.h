@@ -27,6 +27,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "model/files.h"
 
 namespace retnet::model {
 
@@ -74,10 +75,7 @@ class SafetensorsFile : public std::enable_shared_from_this<SafetensorsFile> {
   std::map<std::string, std::string> metadata_;
 };
 
-// Reads a whole small file: refuses anything that is not a regular file (a FIFO, a device such as
-// /dev/zero, a directory; symlinks are followed) without blocking, and files over `max_bytes`.
-// Errors: NotFound (missing), InvalidArgument (not regular, too large, unreadable).
-absl::StatusOr<std::string> ReadRegularFile(const std::string& path, uint64_t max_bytes);
+// ReadRegularFile(path, max_bytes): model/files.h.
 
 // OK when `path` is a regular file (symlinks followed); else NotFound / InvalidArgument.
 absl::Status CheckRegularFile(const std::string& path);

@@ -37,6 +37,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import golden_cases  # noqa: E402
 import retnet_ref  # noqa: E402
+from convert_tokenizer import bytes_to_unicode  # noqa: E402  (GPT-2's byte map)
 from safetensors_io import load_file  # noqa: E402
 
 CONVERTER = os.path.join(HERE, "convert_checkpoint.py")
@@ -273,19 +274,6 @@ def test_rejections(tmp, seed):
 # ---------------------------------------------------------------------------
 # Tokenizers
 # ---------------------------------------------------------------------------
-
-def bytes_to_unicode():
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + \
-        list(range(0xAE, 0x100))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
-
 
 BYTE_MAP = bytes_to_unicode()
 # GPT-2's split regex, restricted to ASCII (\p{L} -> [A-Za-z], \p{N} ->

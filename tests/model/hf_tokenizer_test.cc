@@ -26,6 +26,25 @@ using Json = nlohmann::json;
 const char kSpace[] = "\xE2\x96\x81";  // U+2581
 
 // A BPE tokenizer.json over `tokens` (ids in order) with `merges`.
+// GPT-2's byte -> printable character map: the UTF-8 of each byte's vocabulary character.
+std::vector<std::string> Gpt2ByteChars() {
+  std::vector<std::string> chars;
+  int n = 0;
+  for (int b = 0; b < 256; ++b) {
+    const bool printable = (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || b >= 174;
+    const int cp = printable ? b : 256 + n++;
+    std::string u;
+    if (cp < 0x80) {
+      u.push_back(static_cast<char>(cp));
+    } else {
+      u.push_back(static_cast<char>(0xC0 | (cp >> 6)));
+      u.push_back(static_cast<char>(0x80 | (cp & 0x3F)));
+    }
+    chars.push_back(u);
+  }
+  return chars;
+}
+
 Json Bpe(const std::vector<std::string>& tokens, const Json& merges = Json::array()) {
   Json vocab = Json::object();
   for (size_t i = 0; i < tokens.size(); ++i) vocab[tokens[i]] = i;
@@ -308,21 +327,8 @@ TEST(HfTokenizerTest, ByteLevelTokenBytesAreExact) {
   // Every byte as a base token (the GPT-2 map) and a few merges: streaming is byte-exact.
   Json j = Bpe({});
   Json vocab = Json::object();
-  std::vector<std::string> chars;
-  int n = 0;
-  for (int b = 0; b < 256; ++b) {
-    const bool printable = (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || b >= 174;
-    const int cp = printable ? b : 256 + n++;
-    std::string u;
-    if (cp < 0x80) {
-      u.push_back(static_cast<char>(cp));
-    } else {
-      u.push_back(static_cast<char>(0xC0 | (cp >> 6)));
-      u.push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-    }
-    chars.push_back(u);
-    vocab[u] = b;
-  }
+  const std::vector<std::string> chars = Gpt2ByteChars();
+  for (int b = 0; b < 256; ++b) vocab[chars[b]] = b;
   const std::string g = chars[' '];  // "Ġ"
   vocab[g + "w"] = 256;
   j["model"]["vocab"] = vocab;
@@ -438,19 +444,8 @@ TEST(HfTokenizerTest, LoadTokenizerPrefersTokenizerJsonAndChecksTheVocab) {
 TEST(HfTokenizerTest, Gpt2VocabAndMergesFiles) {
   const std::string dir = TempDir();
   Json vocab = Json::object();
-  int n = 0;
-  for (int b = 0; b < 256; ++b) {
-    const bool printable = (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || b >= 174;
-    const int cp = printable ? b : 256 + n++;
-    std::string u;
-    if (cp < 0x80) {
-      u.push_back(static_cast<char>(cp));
-    } else {
-      u.push_back(static_cast<char>(0xC0 | (cp >> 6)));
-      u.push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-    }
-    vocab[u] = b;
-  }
+  const std::vector<std::string> chars = Gpt2ByteChars();
+  for (int b = 0; b < 256; ++b) vocab[chars[b]] = b;
   vocab["he"] = 256;
   vocab["<|endoftext|>"] = 257;
   std::ofstream(dir + "/vocab.json") << vocab.dump();

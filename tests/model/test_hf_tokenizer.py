@@ -32,6 +32,9 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 ORACLE_DIR = os.path.join(HERE, "hf_oracle")
 
+sys.path.insert(0, os.path.join(HERE, "..", "..", "tools"))
+from convert_tokenizer import bytes_to_unicode  # noqa: E402  (GPT-2's byte map)
+
 LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
                 r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 # Python's re has no \p{..}: close approximations, used only to count words for training.
@@ -116,18 +119,6 @@ def random_id_lists(rng, name, vocab_size, n):
     pool = [i for i in range(vocab_size)
             if name in BYTE_STYLES or not 3 <= i <= 258]
     return [[rng.choice(pool) for _ in range(rng.randint(1, 12))] for _ in range(n)]
-
-
-def bytes_to_unicode():
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
 
 
 BYTE_MAP = bytes_to_unicode()
