@@ -691,7 +691,8 @@ at::Tensor RetNet::StepRows(const at::Tensor& input, const at::Tensor& positions
     const int64_t layer_stride = state.stride(0), slot_stride = state.stride(1);
     at::Tensor slot_ids;
     if (slots != nullptr) {
-      slot_ids = at::tensor(*slots, at::kLong).to(at::kInt).to(options_.device, /*non_blocking=*/true);
+      slot_ids =
+          at::tensor(*slots, at::kLong).to(at::kInt).to(options_.device, /*non_blocking=*/true);
     }
     if (graphs_ != nullptr && cuda::StepGraphCache::Bucket(input.size(0)) > 0) {
       return graphs_->Run(
@@ -775,8 +776,7 @@ at::Tensor RetNet::CpuStep(const at::Tensor& input, const at::Tensor& positions,
     }
   }
   if (ws == nullptr) ws = std::make_shared<cpu::StepWorkspace>();
-  cpu::RunStep(*cpu_weights_, batch,
-               config_.is_language_model() ? in.data_ptr<int64_t>() : nullptr,
+  cpu::RunStep(*cpu_weights_, batch, config_.is_language_model() ? in.data_ptr<int64_t>() : nullptr,
                config_.is_language_model() ? nullptr : in.data_ptr<float>(),
                pos.data_ptr<int64_t>(), state.data_ptr<float>(), state.stride(0), state.stride(1),
                slots != nullptr ? slots->data() : nullptr, out.data_ptr<float>(), ws.get());

@@ -182,8 +182,8 @@ class RetNet {
   at::Tensor ReferenceStep(const at::Tensor& input, const at::Tensor& positions,
                            const at::Tensor& state) const;
   // Step on `state` rows slots[b] (or b when `slots` is null), after the checks.
-  at::Tensor StepRows(const at::Tensor& input, const at::Tensor& positions,
-                      const at::Tensor& state, const std::vector<int64_t>* slots) const;
+  at::Tensor StepRows(const at::Tensor& input, const at::Tensor& positions, const at::Tensor& state,
+                      const std::vector<int64_t>* slots) const;
   std::shared_ptr<cpu::StepWeights> MakeCpuWeights() const;
   at::Tensor CpuStep(const at::Tensor& input, const at::Tensor& positions, const at::Tensor& state,
                      const std::vector<int64_t>* slots) const;

@@ -650,6 +650,7 @@ void RetNetService::Offload(UnaryReply<Response>* reply, std::function<void()> w
 void RetNetService::SetEngine(engine::Engine* engine, SessionStore* store) {
   engine_ = engine;
   store_ = store;
+  add_bos_default_ = engine->model_summary().add_bos_token != 0;
   ready_.store(true, std::memory_order_release);
 }
 
@@ -759,8 +760,7 @@ absl::StatusOr<Turn> RetNetService::PrepareTurn(grpc::CallbackServerContext* con
   const model::Tokenizer& tok = engine_->tokenizer();
   const bool fresh = info->position == 0 && !info->pending_token.has_value();
   // Unset: what the checkpoint's tokenizer_config.json says (add_bos_token), else yes.
-  const bool add_bos =
-      request.has_add_bos() ? request.add_bos() : engine_->model_summary().add_bos_token != 0;
+  const bool add_bos = request.has_add_bos() ? request.add_bos() : add_bos_default_;
   if (fresh && add_bos && tok.bos_id() >= 0) {
     req.prompt.push_back(tok.bos_id());
   }

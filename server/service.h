@@ -178,6 +178,7 @@ class RetNetService final : public RawRetNetService {
 
   engine::Engine* engine_ = nullptr;  // written once before ready_ is set
   SessionStore* store_ = nullptr;     // likewise
+  bool add_bos_default_ = true;       // likewise: tokenizer_config.json's add_bos_token
   std::atomic<bool> ready_{false};
   const ApiKeys* const keys_;
   const ServiceOptions options_;
