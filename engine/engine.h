@@ -91,6 +91,9 @@ struct EngineOptions {
   int64_t max_new_tokens_limit = 4096;
   // Create() does not start the engine thread; Start() does (warm-up first, or tests).
   bool start_paused = false;
+  // Intra-op (OpenMP) threads of the engine thread's tensor work; 0 = LibTorch's default, which
+  // counts physical cores and may be fewer than the CPUs the process may use.
+  int intra_op_threads = 0;
 };
 
 enum class FinishReason { kLength, kStop, kEos, kCancelled, kDeadline, kError };
@@ -136,6 +139,10 @@ struct GenerateRequest {
   // Delete the session when this generation ends, before the sink's OnFinish (a one-shot request
   // that named no session: it leaves nothing behind, whatever way it ends).
   bool delete_session_at_end = false;
+  // Absorb the prompt and generate nothing: every token but the last enters the state and the
+  // last one stays pending, so that the next turn (or each fork of the session) samples its own
+  // first token from it. The sink gets no token and one Finish (kLength, 0 completion tokens).
+  bool prefill_only = false;
 };
 
 // A submitted generation; Cancel() is safe from any thread at any time.

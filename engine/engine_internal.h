@@ -67,6 +67,10 @@ struct Engine::Request {
   int64_t prompt_tokens = 0;
   std::vector<int64_t> to_prefill;  // pending token (if any) + the new prompt
   bool pending_in_front = false;
+  // GenerateRequest::prefill_only: the prompt's last token, withheld from to_prefill; it becomes
+  // the session's pending token once the rest is in the state.
+  std::optional<int64_t> held;
+  bool held_in_history = false;  // `held` is the session's old pending token (already recorded)
   size_t prefilled = 0;
   at::Tensor logits;  // [1, V] after the prompt, until the first token is sampled
   std::vector<int64_t> output;

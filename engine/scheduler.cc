@@ -1,5 +1,6 @@
 // The engine loop: admission, budgeted chunkwise prefill, one batched recurrent step, sampling,
 // delivery. Runs on the engine thread only.
+#include <ATen/Parallel.h>
 #include <c10/core/InferenceMode.h>
 
 #include <algorithm>
@@ -24,6 +25,8 @@ std::optional<FinishReason> Expired(const std::shared_ptr<Generation>& g,
 
 void Engine::Loop() {
   c10::InferenceMode guard;
+  // OpenMP's thread count is a per-thread setting: set it on the thread that steps.
+  if (options_.intra_op_threads > 0) at::set_num_threads(options_.intra_op_threads);
   loop_thread_.store(std::this_thread::get_id());
   next_expiry_ = absl::Now() + absl::Seconds(1);
   while (true) {
@@ -91,6 +94,11 @@ bool Engine::Iterate() {
         }
       }
       r->to_prefill.insert(r->to_prefill.end(), r->req.prompt.begin(), r->req.prompt.end());
+      if (r->req.prefill_only && !r->to_prefill.empty()) {
+        r->held = r->to_prefill.back();
+        r->held_in_history = r->pending_in_front && r->to_prefill.size() == 1;
+        r->to_prefill.pop_back();
+      }
       prefilling_.push_back(std::move(r));
     }
     if (!waiting.empty()) {
@@ -146,7 +154,7 @@ void Engine::FailAll(const std::string& what) {
 void Engine::RestorePending(Request& r) {
   if (!r.pending_in_front || r.prefilled != 0) return;
   absl::MutexLock lock(&mu_);
-  r.session->pending = r.to_prefill[0];
+  r.session->pending = r.to_prefill.empty() ? *r.held : r.to_prefill[0];
 }
 
 void Engine::Prefill() {
@@ -157,6 +165,16 @@ void Engine::Prefill() {
     if (auto reason = Expired(r.generation, r.req, now)) {
       RestorePending(r);
       FinishRequest(r, *reason);
+      it = prefilling_.erase(it);
+      continue;
+    }
+    if (r.prefilled == r.to_prefill.size() && r.req.prefill_only) {  // absorbed: done
+      if (r.held.has_value()) {
+        absl::MutexLock lock(&mu_);
+        r.session->pending = *r.held;
+        if (!r.held_in_history) r.session->history.push_back(*r.held);
+      }
+      FinishRequest(r, FinishReason::kLength);
       it = prefilling_.erase(it);
       continue;
     }
@@ -192,7 +210,7 @@ void Engine::Prefill() {
     }
     r.prefilled += n;
     budget -= n;
-    if (r.prefilled == r.to_prefill.size()) r.logits = logits->view({1, -1});
+    if (r.prefilled == r.to_prefill.size() && !r.req.prefill_only) r.logits = logits->view({1, -1});
     ++it;
   }
 }

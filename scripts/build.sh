@@ -18,6 +18,10 @@ if command -v npm >/dev/null 2>&1 && [ ! -d tests/chat/jinja_oracle/node_modules
   npm ci --prefix tests/chat/jinja_oracle --no-audit --no-fund --loglevel=error >/dev/null ||
     echo "build: npm ci in tests/chat/jinja_oracle failed; the Jinja oracle test will be skipped" >&2
 fi
+if command -v npm >/dev/null 2>&1 && [ ! -d tests/server/openai_client/node_modules/openai ]; then
+  npm ci --prefix tests/server/openai_client --no-audit --no-fund --loglevel=error >/dev/null ||
+    echo "build: npm ci in tests/server/openai_client failed; the OpenAI API test will be skipped" >&2
+fi
 export CCACHE_SLOPPINESS=pch_defines,time_macros,include_file_mtime,include_file_ctime
 if [ ! -f build/CMakeCache.txt ]; then
   cmake --preset release "$@" >/dev/null

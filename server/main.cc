@@ -16,7 +16,8 @@
 int main(int argc, char** argv) {
   retnet::server::ServerOptions o;
   double ttl_s = 1800, snapshot_s = 60, grace_s = 10, state_mb = 0;
-  std::string log_level = "info", port_file;
+  std::string log_level = "info", port_file, http_port_file;
+  o.http_listen = "0.0.0.0:8000";
   bool json_logs = false;
   CLI::App app{
       "retnet-server: RetNet language models over gRPC, with sessions that keep their recurrent "
@@ -95,6 +96,30 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--port-file", port_file, "write the bound port here (useful with :0)")
       ->envname("RETNET_PORT_FILE");
+  app.add_option("--http-listen", o.http_listen,
+                 "OpenAI-compatible HTTP API address (/v1/completions, /v1/chat/completions, "
+                 "/v1/models; empty = off)")
+      ->envname("RETNET_HTTP_LISTEN")
+      ->capture_default_str();
+  app.add_option("--http-threads", o.http_threads,
+                 "HTTP API worker threads (= requests served at once; more wait)")
+      ->envname("RETNET_HTTP_THREADS")
+      ->capture_default_str();
+  app.add_option("--served-model-name", o.served_model_name,
+                 "the HTTP API's model name (default: the checkpoint directory's name, "
+                 "retnet-default for the built-in model)")
+      ->envname("RETNET_SERVED_MODEL_NAME");
+  app.add_option("--chat-template", o.chat_template_file,
+                 "Jinja chat template file (default: the checkpoint's tokenizer_config.json "
+                 "chat_template, else ChatML)")
+      ->envname("RETNET_CHAT_TEMPLATE");
+  app.add_option("--http-port-file", http_port_file, "write the HTTP API's bound port here")
+      ->envname("RETNET_HTTP_PORT_FILE");
+  app.add_option("--threads", o.intra_op_threads,
+                 "intra-op threads for the model's tensor work (0 = LibTorch's default, which "
+                 "counts physical cores)")
+      ->envname("RETNET_THREADS")
+      ->capture_default_str();
   app.add_option("--log-level", log_level, "trace|debug|info|warn|error")
       ->envname("RETNET_LOG_LEVEL")
       ->capture_default_str();
@@ -128,6 +153,10 @@ int main(int argc, char** argv) {
   if (!port_file.empty()) {
     std::ofstream(port_file + ".tmp") << (*server)->port() << "\n";
     std::rename((port_file + ".tmp").c_str(), port_file.c_str());
+  }
+  if (!http_port_file.empty()) {
+    std::ofstream(http_port_file + ".tmp") << (*server)->http_port() << "\n";
+    std::rename((http_port_file + ".tmp").c_str(), http_port_file.c_str());
   }
   int signal_number = 0;
   sigwait(&signals, &signal_number);

@@ -68,6 +68,10 @@ void Metrics::CountRequest(const std::string& code) {
   absl::MutexLock lock(&mu_);
   ++requests_[code];
 }
+void Metrics::CountHttpRequest(const std::string& endpoint, int status) {
+  absl::MutexLock lock(&mu_);
+  ++http_requests_[{endpoint, status}];
+}
 
 void Metrics::RenderHistogram(std::string& out, const std::string& name, const std::string& help,
                               const Histogram& h) {
@@ -118,6 +122,14 @@ std::string Metrics::Render(const engine::PoolStats& s) const {
       "# TYPE retnet_requests_total counter\n");
   for (const auto& [code, n] : requests_)
     absl::StrAppend(&out, "retnet_requests_total{code=\"", code, "\"} ", n, "\n");
+  absl::StrAppend(&out,
+                  "# HELP retnet_http_requests_total OpenAI-compatible HTTP requests by endpoint "
+                  "and HTTP status (their turns are counted in retnet_requests_total too).\n",
+                  "# TYPE retnet_http_requests_total counter\n");
+  for (const auto& [key, n] : http_requests_) {
+    absl::StrAppend(&out, "retnet_http_requests_total{endpoint=\"", key.first, "\",status=\"",
+                    key.second, "\"} ", n, "\n");
+  }
   return out;
 }
 

@@ -29,6 +29,8 @@ class Metrics {
   void AddPromptTokens(int64_t n);
   // One finished request, by its gRPC status code name ("OK", "INVALID_ARGUMENT", ...).
   void CountRequest(const std::string& code);
+  // One OpenAI-compatible HTTP request, by endpoint ("/v1/completions") and HTTP status.
+  void CountHttpRequest(const std::string& endpoint, int status);
 
   // The exposition text, with the engine's gauges as of now.
   std::string Render(const engine::PoolStats& stats) const;
@@ -49,6 +51,7 @@ class Metrics {
   uint64_t generated_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t prompt_ ABSL_GUARDED_BY(mu_) = 0;
   std::map<std::string, uint64_t> requests_ ABSL_GUARDED_BY(mu_);
+  std::map<std::pair<std::string, int>, uint64_t> http_requests_ ABSL_GUARDED_BY(mu_);
 };
 
 // gRPC status code names as Prometheus label values.

@@ -8,17 +8,21 @@
 
 #include <algorithm>
 #include <atomic>
+#include <nlohmann/json.hpp>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/notification.h"
+#include "chat/chat_template.h"
 #include "common/status_macros.h"
 #include "engine/engine.h"
 #include "model/checkpoint.h"
+#include "model/files.h"
 #include "model/tokenizer.h"
 #include "server/auth.h"
 #include "server/metrics.h"
+#include "server/openai_api.h"
 #include "server/service.h"
 #include "server/state_dir.h"
 
@@ -41,6 +45,17 @@ struct Server::Impl {
   std::unique_ptr<httplib::Server> http;
   std::thread http_thread;
   int metrics_port = 0;
+  // The OpenAI-compatible API: its own HTTP server, over an in-process channel to the service.
+  std::unique_ptr<OpenAiApi> api;
+  std::unique_ptr<httplib::Server> api_http;
+  std::thread api_thread;
+  int http_port = 0;
+  ~Impl() { StopApi(); }  // a failed Start() leaves the API's thread running
+  void StopApi() {
+    if (api_http == nullptr) return;
+    api_http->stop();
+    if (api_thread.joinable()) api_thread.join();
+  }
 
   absl::Mutex mu;
   bool drained ABSL_GUARDED_BY(mu) = false;
@@ -69,12 +84,66 @@ struct Server::Impl {
   }
 };
 
+namespace {
+
+struct ChatSetup {
+  chat::ChatTemplate chat_template;
+  std::string bos_token, eos_token;
+};
+
+// tokenizer_config.json's special tokens are strings or AddedToken objects {"content": ...}.
+std::string SpecialToken(const nlohmann::json& config, const char* name) {
+  auto it = config.find(name);
+  if (it == config.end()) return "";
+  if (it->is_string()) return it->get<std::string>();
+  if (it->is_object() && it->contains("content") && (*it)["content"].is_string()) {
+    return (*it)["content"].get<std::string>();
+  }
+  return "";
+}
+
+// The chat template: `file` when given, else the checkpoint's tokenizer_config.json
+// chat_template, else the built-in default; with the BOS and EOS strings templates use.
+absl::StatusOr<ChatSetup> LoadChatSetup(const std::string& checkpoint, const std::string& file) {
+  nlohmann::json config = nlohmann::json::object();
+  auto text = model::ReadRegularFile(checkpoint + "/tokenizer_config.json", 64 << 20);
+  if (text.ok()) {
+    config = nlohmann::json::parse(*text, nullptr, /*allow_exceptions=*/false);
+    if (config.is_discarded() || !config.is_object()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(checkpoint, "/tokenizer_config.json: not a JSON object"));
+    }
+  } else if (!absl::IsNotFound(text.status())) {
+    return text.status();
+  }
+  ChatSetup out{chat::ChatTemplate::Default(), SpecialToken(config, "bos_token"),
+                SpecialToken(config, "eos_token")};
+  if (!file.empty()) {
+    ASSIGN_OR_RETURN(out.chat_template, chat::ChatTemplate::FromFile(file));
+    spdlog::info("chat template: {}", file);
+  } else if (config.contains("chat_template") && !config["chat_template"].is_null()) {
+    auto t = chat::ChatTemplate::FromTokenizerConfig(config);
+    if (!t.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          checkpoint, "/tokenizer_config.json: chat_template: ", t.status().message()));
+    }
+    out.chat_template = *std::move(t);
+    spdlog::info("chat template: the checkpoint's (tokenizer_config.json)");
+  } else {
+    spdlog::info("chat template: the built-in default (ChatML); --chat-template FILE replaces it");
+  }
+  return out;
+}
+
+}  // namespace
+
 Server::Server(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 
 Server::~Server() { Drain(absl::ZeroDuration()).IgnoreError(); }
 
 int Server::port() const { return impl_->port; }
 int Server::metrics_port() const { return impl_->metrics_port; }
+int Server::http_port() const { return impl_->http_port; }
 int64_t Server::SnapshotAll() { return impl_->SnapshotAll().written; }
 int64_t Server::EngineSessions() const { return impl_->engine->Stats().sessions; }
 bool Server::WaitIdle(absl::Duration timeout) const { return impl_->engine->WaitIdle(timeout); }
@@ -84,7 +153,7 @@ std::string Server::Describe() const {
   return absl::StrFormat(
       "retnet-server listening on %s (port %d): %s from %s on %s/%s; %d session slots x %.2f MiB "
       "state, "
-      "%d host spill places; state dir %s; auth %s; tls %s; metrics %s",
+      "%d host spill places; state dir %s; auth %s; tls %s; metrics %s; OpenAI API %s",
       impl_->options.listen, impl_->port, impl_->model_line, impl_->checkpoint,
       impl_->options.device, impl_->options.dtype, s.device_slots,
       s.state_bytes_per_session / 1048576.0, s.host_capacity,
@@ -94,7 +163,13 @@ std::string Server::Describe() const {
                                              impl_->options.metrics_listen.substr(
                                                  0, impl_->options.metrics_listen.rfind(':')),
                                              ":", impl_->metrics_port, "/metrics")
-                              : "off");
+                              : "off",
+      impl_->http_port > 0
+          ? absl::StrCat(
+                "http://",
+                impl_->options.http_listen.substr(0, impl_->options.http_listen.rfind(':')), ":",
+                impl_->http_port, "/v1 as '", impl_->options.served_model_name, "'")
+          : "off");
 }
 
 absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& options) {
@@ -158,6 +233,49 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   health->SetServingStatus(false);
   health->SetServingStatus("retnet.v1.RetNet", false);
   if (options.on_listening) options.on_listening(impl->port);
+  if (impl->options.served_model_name.empty()) {
+    const std::string& dir = impl->checkpoint;
+    const size_t end = dir.find_last_not_of('/');
+    const size_t slash = end == std::string::npos ? std::string::npos : dir.rfind('/', end);
+    impl->options.served_model_name =
+        options.checkpoint.empty()
+            ? "retnet-default"
+            : dir.substr(slash == std::string::npos ? 0 : slash + 1,
+                         end == std::string::npos
+                             ? 0
+                             : end - (slash == std::string::npos ? 0 : slash + 1) + 1);
+  }
+  if (!options.http_listen.empty()) {  // answers 503 until the model is loaded
+    const size_t colon = options.http_listen.rfind(':');
+    if (colon == std::string::npos) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--http-listen '", options.http_listen, "': need host:port"));
+    }
+    if (options.http_threads < 1 || options.http_threads > 4096) {
+      return absl::InvalidArgumentError("--http-threads: between 1 and 4096");
+    }
+    grpc::ChannelArguments args;
+    args.SetMaxReceiveMessageSize(-1);
+    args.SetMaxSendMessageSize(-1);
+    OpenAiOptions ao;
+    ao.served_model_name = impl->options.served_model_name;
+    impl->api =
+        std::make_unique<OpenAiApi>(impl->grpc_server->InProcessChannel(args), ao, &impl->metrics);
+    impl->api_http = std::make_unique<httplib::Server>();
+    const int threads = options.http_threads;
+    impl->api_http->new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
+    impl->api->Register(*impl->api_http);
+    const std::string host = options.http_listen.substr(0, colon);
+    const int want = std::atoi(options.http_listen.c_str() + colon + 1);
+    impl->http_port = want == 0 ? impl->api_http->bind_to_any_port(host)
+                                : (impl->api_http->bind_to_port(host, want) ? want : -1);
+    if (impl->http_port <= 0) {
+      return absl::UnavailableError(
+          absl::StrCat("cannot listen for the HTTP API on ", options.http_listen));
+    }
+    Impl* raw_api = impl.get();
+    impl->api_thread = std::thread([raw_api] { raw_api->api_http->listen_after_bind(); });
+  }
 
   model::ModelOptions model_options;
   ASSIGN_OR_RETURN(model_options.device, model::ParseDevice(options.device));
@@ -175,6 +293,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   eo.max_prompt_tokens = options.max_prompt_tokens;
   eo.max_new_tokens_limit = options.max_new_tokens;
   eo.max_queued_requests = options.max_queued_requests;
+  eo.intra_op_threads = options.intra_op_threads;
   ASSIGN_OR_RETURN(impl->engine, engine::Engine::Create(impl->model, std::move(tokenizer), eo));
 
   if (!options.state_dir.empty()) {
@@ -190,6 +309,12 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   }
 
   impl->service->SetEngine(impl->engine.get(), impl->state.get());
+  if (impl->api != nullptr) {
+    ASSIGN_OR_RETURN(ChatSetup chat, LoadChatSetup(impl->checkpoint, options.chat_template_file));
+    impl->api->SetModel(&impl->engine->tokenizer(), std::move(chat.chat_template),
+                        std::move(chat.bos_token), std::move(chat.eos_token),
+                        [raw = impl.get()] { return raw->metrics.Render(raw->engine->Stats()); });
+  }
   health->SetServingStatus(true);
   health->SetServingStatus("retnet.v1.RetNet", true);
 
@@ -232,6 +357,7 @@ absl::Status Server::Drain(absl::Duration grace) {
   auto* health = impl_->grpc_server->GetHealthCheckService();
   health->SetServingStatus(false);
   impl_->service->set_draining(true);
+  if (impl_->api != nullptr) impl_->api->set_draining();
   impl_->stop_housekeeping.Notify();
   if (impl_->housekeeping.joinable()) impl_->housekeeping.join();
   // Idle sessions are saved before the port closes: once a gateway can no longer reach this
@@ -244,8 +370,16 @@ absl::Status Server::Drain(absl::Duration grace) {
   // The port closes now (new calls go elsewhere); running streams get the grace period, and a
   // finished turn's end is sent only once it is saved (write-through), so its session can
   // continue elsewhere from that turn. Streams still open at the deadline are cancelled.
-  impl_->grpc_server->Shutdown(std::chrono::system_clock::now() + absl::ToChronoNanoseconds(grace));
+  // The HTTP API's requests travel over in-process channels, which the shutdown would cut at
+  // once: they get the grace first (new ones are refused meanwhile: 503).
+  const absl::Time grace_end = absl::Now() + grace;
+  if (impl_->api != nullptr && !impl_->api->WaitIdle(grace_end - absl::Now())) {
+    spdlog::warn("drain: HTTP API requests still running at the end of the grace");
+  }
+  impl_->grpc_server->Shutdown(absl::ToChronoTime(std::max(grace_end, absl::Now())));
   impl_->grpc_server->Wait();
+  // The HTTP API's calls went through the gRPC server: they have ended too.
+  impl_->StopApi();
   // Control work still queued or running finishes now (it may queue saves, flushed below).
   impl_->service->Shutdown();
   spdlog::info("drain: gRPC stopped");

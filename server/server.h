@@ -67,6 +67,15 @@ struct ServerOptions {
   int64_t snapshot_chunk_bytes = 1 << 20;  // ExportSession message size
   // Prometheus /metrics and /healthz over HTTP ("host:port", port 0 = any; empty = off).
   std::string metrics_listen;
+  // The OpenAI-compatible HTTP API (server/openai_api.h): "host:port" (port 0 = any; empty =
+  // off), its worker threads (= concurrent requests), the model name it answers to (empty = the
+  // checkpoint directory's name) and a Jinja chat template file replacing the checkpoint's.
+  std::string http_listen;
+  int http_threads = 64;
+  std::string served_model_name;
+  std::string chat_template_file;
+  // Intra-op threads of the engine's tensor work (0 = LibTorch's default).
+  int intra_op_threads = 0;
   // Called once the gRPC port is bound and before the model is loaded (health NOT_SERVING).
   std::function<void(int port)> on_listening;
   // Tests only: sees the state directory's queued saves (may be empty).
@@ -80,6 +89,7 @@ class Server {
 
   int port() const;
   int metrics_port() const;      // 0 when metrics are off
+  int http_port() const;         // 0 when the HTTP API is off
   std::string Describe() const;  // the startup line: model, device, capacity, address
   // Graceful stop; see the file comment. Idempotent (a repeated call returns the first one's
   // outcome). DATA_LOSS ("drain: N of M sessions saved, K failed") when the final snapshot

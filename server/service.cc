@@ -728,6 +728,10 @@ absl::StatusOr<Turn> RetNetService::PrepareTurn(grpc::CallbackServerContext* con
         "turn.session_id: a chat stream stays on its first turn's session");
   }
   RETURN_IF_ERROR(CheckSessionId(public_id, "session_id"));
+  if (request.prefill_only() && public_id.empty()) {
+    return absl::InvalidArgumentError(
+        "prefill_only: needs a session_id (a one-shot request would keep nothing)");
+  }
   // Resolve or create the session.
   Turn turn;
   absl::StatusOr<engine::SessionInfo> info;
@@ -754,7 +758,13 @@ absl::StatusOr<Turn> RetNetService::PrepareTurn(grpc::CallbackServerContext* con
   if (!info.ok()) return info.status();
   turn.public_id = public_id;
   turn.token_bytes = request.return_token_bytes();
+  if (request.delete_session_at_end() && !turn.request.delete_session_at_end) {
+    // Gone at the end in the engine; its stored snapshot goes now, so no replica revives it.
+    turn.request.delete_session_at_end = true;
+    if (store_ != nullptr) (void)store_->Forget(prefix + public_id);
+  }
   engine::GenerateRequest& req = turn.request;
+  req.prefill_only = request.prefill_only();
   req.session_id = internal_id;
   req.sampling = std::move(sampling);
   const model::Tokenizer& tok = engine_->tokenizer();

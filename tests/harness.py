@@ -33,24 +33,30 @@ def finish() -> int:
 
 
 class ServerProcess:
-    """One retnet-server on 127.0.0.1:0 (metrics off). `log`: a file path for its stdout and
-    stderr (default: inherited); `preexec_fn`: run in the child before exec (resource limits)."""
+    """One retnet-server on 127.0.0.1:0 (metrics off; the OpenAI HTTP API off unless `http`, then
+    on 127.0.0.1:0 with its port in `http_port`). `log`: a file path for its stdout and stderr
+    (default: inherited); `preexec_fn`: run in the child before exec (resource limits)."""
 
     def __init__(self, binary, tmp, name="server", *extra, log=None, preexec_fn=None,
-                 load_timeout_s=30.0):
+                 load_timeout_s=30.0, http=False):
         self.name = name
         self.port_file = os.path.join(tmp, name + ".port")
-        if os.path.exists(self.port_file):
-            os.unlink(self.port_file)
+        self.http_port_file = os.path.join(tmp, name + ".http-port")
+        for f in (self.port_file, self.http_port_file):
+            if os.path.exists(f):
+                os.unlink(f)
+        http_args = (["--http-listen", "127.0.0.1:0", "--http-port-file", self.http_port_file]
+                     if http else ["--http-listen", ""])
         self.log_path = log
         self._log = open(log, "ab") if log else None
         self.proc = subprocess.Popen(
             [binary, "--listen", "127.0.0.1:0", "--metrics-listen", "", "--port-file", self.port_file,
-             *extra], stdout=self._log, stderr=subprocess.STDOUT if self._log else None,
+             *http_args, *extra], stdout=self._log, stderr=subprocess.STDOUT if self._log else None,
             preexec_fn=preexec_fn)
         deadline = time.monotonic() + load_timeout_s
         while True:  # bounded by the deadline
-            if os.path.exists(self.port_file) and open(self.port_file).read().strip():
+            wait_for = [self.port_file] + ([self.http_port_file] if http else [])
+            if all(os.path.exists(f) and open(f).read().strip() for f in wait_for):
                 break
             if self.proc.poll() is not None:
                 raise RuntimeError(f"retnet-server {name} exited early ({self.proc.returncode})")
@@ -60,6 +66,8 @@ class ServerProcess:
             time.sleep(0.01)
         self.port = int(open(self.port_file).read())
         self.target = f"127.0.0.1:{self.port}"
+        self.http_port = int(open(self.http_port_file).read()) if http else 0
+        self.base_url = f"http://127.0.0.1:{self.http_port}" if http else ""
 
     @property
     def pid(self):

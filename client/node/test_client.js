@@ -125,7 +125,7 @@ async function main() {
   const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'retnet-node-'));
   const portFile = path.join(tmp, 'port');
   const server = childProcess.spawn(args.server, [
-    '--listen', '127.0.0.1:0', '--metrics-listen', '', '--port-file', portFile, '--log-level', 'warn',
+    '--listen', '127.0.0.1:0', '--metrics-listen', '', '--http-listen', '', '--port-file', portFile, '--log-level', 'warn',
   ], { stdio: ['ignore', 'inherit', 'inherit'] });
   let spawnError = null;
   const exited = new Promise((resolve) => {

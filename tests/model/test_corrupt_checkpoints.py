@@ -305,7 +305,7 @@ def main() -> int:
                         "--output", os.path.join(root, os.path.basename(d) + ".out.safetensors")], root)
 
         def server(d):
-            return run([args.server, "--checkpoint", d, "--listen", "127.0.0.1:0", "--metrics-listen", "",
+            return run([args.server, "--checkpoint", d, "--listen", "127.0.0.1:0", "--metrics-listen", "", "--http-listen", "",
                         "--log-level", "warn"], root)
 
         # The valid checkpoint loads in both, under the same limits.

@@ -87,7 +87,7 @@ class Server:
                 resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
 
         self.proc = subprocess.Popen(
-            [binary, "--listen", "127.0.0.1:0", "--metrics-listen", "", "--port-file", self.port_file,
+            [binary, "--listen", "127.0.0.1:0", "--metrics-listen", "", "--http-listen", "", "--port-file", self.port_file,
              "--state-dir", state_dir, "--log-level", "info", *extra],
             stdout=self.log, stderr=self.log, preexec_fn=limit)
         self.target = None
