@@ -1,5 +1,6 @@
 #include "client/bench.h"
 
+#include <httplib.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -15,6 +16,7 @@
 #include <sstream>
 #include <thread>
 
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -148,6 +150,7 @@ class Run {
     r->turn = turn;
     r->session_id = id;
     r->prompt_tokens = prompt_len;
+    if (o_.api == "openai") return TurnHttp(req, r);
     grpc::ClientContext ctx;
     client_.Prepare(&ctx, id);
     const SteadyClock::time_point sent = SteadyClock::now();
@@ -194,6 +197,92 @@ class Run {
     } else if (!final_seen) {
       r->code = absl::StatusCode::kDataLoss;
       r->error = "stream ended without a Final message";
+    }
+  }
+
+  // The same turn as a streamed OpenAI completion: ITL per server-sent event (the events carry
+  // text, not token counts), output tokens from the usage chunk.
+  void TurnHttp(const v1::GenerateRequest& req, RequestRecord* r) {
+    nlohmann::json body = {
+        {"prompt", std::vector<int64_t>(req.tokens().ids().begin(), req.tokens().ids().end())},
+        {"max_tokens", req.stopping().max_new_tokens()},
+        {"temperature", req.sampling().temperature()},
+        {"seed", req.sampling().seed()},
+        {"ignore_eos", true},
+        {"stream", true},
+        {"stream_options", {{"include_usage", true}}}};
+    const size_t colon = o_.http_target.rfind(':');
+    httplib::Client http(o_.http_target.substr(0, colon),
+                         std::atoi(o_.http_target.c_str() + colon + 1));
+    http.set_read_timeout(300, 0);
+    http.set_tcp_nodelay(true);
+    httplib::Headers headers = {{"x-session-id", req.session_id()}};
+    if (!o_.api_key.empty()) headers.emplace("Authorization", "Bearer " + o_.api_key);
+    std::string buffer;
+    bool done = false;
+    std::string error;
+    const SteadyClock::time_point sent = SteadyClock::now();
+    r->start_s = Seconds(sent - start_);
+    SteadyClock::time_point last = sent;
+    int64_t events = 0;
+    httplib::Request hr;
+    hr.method = "POST";
+    hr.path = "/v1/completions";
+    hr.headers = headers;
+    hr.body = body.dump();
+    hr.set_header("Content-Type", "application/json");
+    hr.content_receiver = [&](const char* data, size_t n, uint64_t, uint64_t) {
+      buffer.append(data, n);
+      size_t end;
+      while ((end = buffer.find("\n\n")) != std::string::npos) {
+        const std::string event = buffer.substr(0, end);
+        buffer.erase(0, end + 2);
+        if (!absl::StartsWith(event, "data: ")) continue;
+        if (event == "data: [DONE]") {
+          done = true;
+          continue;
+        }
+        auto j = nlohmann::json::parse(event.substr(6), nullptr, false);
+        if (j.is_discarded()) {
+          error = "an event that is not JSON";
+          return false;
+        }
+        const SteadyClock::time_point now = SteadyClock::now();
+        if (j.contains("error")) {
+          error = j["error"].value("message", "error event");
+          continue;
+        }
+        if (j.contains("usage") && j["usage"].is_object()) {
+          r->usage_output_tokens = j["usage"].value("completion_tokens", int64_t{0});
+          r->e2el_s = Seconds(now - sent);
+        }
+        if (!j.contains("choices") || j["choices"].empty()) continue;
+        const std::string text = j["choices"][0].value("text", "");
+        if (text.empty() && j["choices"][0]["finish_reason"].is_null()) continue;
+        if (events == 0) {
+          r->ttft_s = Seconds(now - sent);
+        } else {
+          r->itl_s.push_back(Seconds(now - last));
+        }
+        ++events;
+        tokens_.fetch_add(1);
+        last = now;
+      }
+      return true;
+    };
+    httplib::Response res;
+    httplib::Error err = httplib::Error::Success;
+    const bool ok = http.send(hr, res, err);
+    r->output_tokens = r->usage_output_tokens;
+    if (!ok || res.status != 200) {
+      r->code = res.status == 429   ? absl::StatusCode::kResourceExhausted
+                : res.status == 503 ? absl::StatusCode::kUnavailable
+                                    : absl::StatusCode::kUnknown;
+      r->error = ok ? absl::StrCat("HTTP ", res.status, " ", res.body)
+                    : absl::StrCat("HTTP error ", static_cast<int>(err));
+    } else if (!error.empty() || !done) {
+      r->code = absl::StatusCode::kDataLoss;
+      r->error = error.empty() ? "stream ended without [DONE]" : error;
     }
   }
 
@@ -371,7 +460,9 @@ absl::StatusOr<BenchResult> RunBench(const Client& client, const BenchOptions& o
   if (info->vocab_size() < 3) return absl::FailedPreconditionError("model vocabulary too small");
   BenchResult result;
   result.options = options;
-  result.target = client.options().target;
+  result.target = options.api == "openai"
+                      ? absl::StrCat("http://", options.http_target, "/v1/completions (OpenAI API)")
+                      : client.options().target;
   std::string prefix = options.session_prefix;
   if (prefix.empty()) prefix = "bench-" + NewSessionId().substr(2, 8);
   Run run(client, result.options, *info);

@@ -51,6 +51,14 @@ struct BenchOptions {
   double slo_ttft_ms = 0, slo_tpot_ms = 0, slo_e2el_ms = 0;
   bool progress = false;       // live progress line on stderr
   std::string session_prefix;  // default: "bench-" + a random tag
+  // "grpc" (retnet.v1 Generate) or "openai": streamed POST /v1/completions to `http_target`
+  // (host:port) with token-id prompts, x-session-id sessions and stream_options.include_usage,
+  // as `vllm bench serve` measures an OpenAI server: one ITL per server-sent event, the output
+  // token count from the usage. The gRPC `--target` still answers GetModelInfo and deletes the
+  // sessions afterwards. `api_key` is sent as "Authorization: Bearer".
+  std::string api = "grpc";
+  std::string http_target;
+  std::string api_key;
 };
 
 struct RequestRecord {

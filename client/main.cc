@@ -464,6 +464,13 @@ int main(int argc, char** argv) {
   bench->add_option("--json", json_out, "write the JSON report here ('-' = stdout)");
   bench->add_option("--csv", csv_out, "write one line per request here");
   bench->add_flag("--no-progress", no_progress, "no live progress line");
+  bench
+      ->add_option("--api", bo.api,
+                   "grpc | openai (streamed POST /v1/completions to --http-target)")
+      ->check(CLI::IsMember({"grpc", "openai"}))
+      ->capture_default_str();
+  bench->add_option("--http-target", bo.http_target,
+                    "--api openai: the HTTP API's host:port (default: --target's host, port 8000)");
   bench->add_flag("--self-test", self_test,
                   "measure against a built-in server that streams instantly (the tool's overhead)");
 
@@ -681,6 +688,10 @@ int main(int argc, char** argv) {
     bo.output_tokens = *orr;
     if (bo.num_requests <= 0 && bo.duration_s <= 0) bo.num_requests = 16 * bo.concurrency;
     bo.progress = !no_progress && ::isatty(2) != 0;
+    bo.api_key = conn.api_key;
+    if (bo.api == "openai" && bo.http_target.empty()) {
+      bo.http_target = conn.target.substr(0, conn.target.rfind(':')) + ":8000";
+    }
     auto result = retnet::client::RunBench(client, bo);
     if (!result.ok()) {
       return result.status().code() == absl::StatusCode::kInvalidArgument

@@ -264,6 +264,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
     impl->api_http = std::make_unique<httplib::Server>();
     const int threads = options.http_threads;
     impl->api_http->new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
+    impl->api_http->set_tcp_nodelay(true);  // every event leaves at once (no Nagle delay)
     impl->api->Register(*impl->api_http);
     const std::string host = options.http_listen.substr(0, colon);
     const int want = std::atoi(options.http_listen.c_str() + colon + 1);

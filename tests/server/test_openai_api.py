@@ -67,6 +67,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--server", required=True)
     ap.add_argument("--node-dir", required=True)
+    ap.add_argument("--client", help="retnet-client, for bench --api openai")
+    ap.add_argument("--checkpoint", required=True, help="the built-in model's directory")
     args = ap.parse_args()
     node = shutil.which("node")
     if node is None or not os.path.isdir(os.path.join(args.node_dir, "node_modules", "openai")):
@@ -115,6 +117,20 @@ def main():
         conn.close()
         status, data = get(server.http_port, "/health")
         check(status == 200, "GET /health: 200")
+
+        # The load generator against the HTTP front.
+        if args.client:
+            report = os.path.join(tmp, "bench.json")
+            b = subprocess.run([args.client, "--target", server.target, "bench", "--api", "openai",
+                                "--http-target", f"127.0.0.1:{server.http_port}", "-c", "2", "-n",
+                                "4", "--prompt-tokens", "16", "--output-tokens", "24",
+                                "--turns", "2", "--no-progress", "--json", report],
+                               capture_output=True, text=True, timeout=300)
+            rep = json.load(open(report)) if os.path.exists(report) else {}
+            check(b.returncode == 0 and rep.get("requests", {}).get("completed") == 4 and
+                  rep.get("output_tokens") == 4 * 24 and not rep.get("errors"),
+                  f"bench --api openai: 4 two-turn requests, 96 tokens "
+                  f"({rep.get('requests')}, {rep.get('output_tokens')}, {b.stderr[-300:]})")
 
         # 5. A client that goes away mid-stream cancels its generation.
         mport = server.http_port  # /metrics is served on the API port too (as vLLM does)
@@ -191,6 +207,43 @@ def main():
         check(b"data: [DONE]" in got, "drain: the running stream finished within the grace")
         sock.close()
         check(server.stop() == 0, "drain: the server exits 0")
+
+        # Chat templates: the checkpoint's (tokenizer_config.json), raise_exception, a file.
+        ckpt = os.path.join(tmp, "ckpt")
+        shutil.copytree(args.checkpoint, ckpt)
+        template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                    "{{ raise_exception('no system role here') }}{% endif %}"
+                    "[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+                    "{% if add_generation_prompt %}[assistant]{% endif %}")
+        with open(os.path.join(ckpt, "tokenizer_config.json"), "w") as f:
+            json.dump({"chat_template": template, "eos_token": {"content": "</s>"}}, f)
+        tpl = harness.ServerProcess(args.server, tmp, "tpl", "--log-level", "warn",
+                                    "--checkpoint", ckpt, http=True)
+        status, _, data = post(tpl.http_port, "/v1/chat/completions",
+                               {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
+        rendered = "[user]hi[assistant]"
+        check(status == 200 and json.loads(data)["usage"]["prompt_tokens"] == len(rendered),
+              f"chat template from tokenizer_config.json: the prompt is '{rendered}' "
+              f"({status} {data[:200]})")
+        check(json.loads(get(tpl.http_port, "/v1/models")[1])["data"][0]["id"] == "ckpt",
+              "the served model name defaults to the checkpoint directory's name")
+        status, _, data = post(tpl.http_port, "/v1/chat/completions",
+                               {"messages": [{"role": "system", "content": "x"}], "max_tokens": 1})
+        check(status == 400 and "no system role here" in json.loads(data)["error"]["message"],
+              "the template's raise_exception is a 400 with its message")
+        tpl.stop()
+        tfile = os.path.join(tmp, "template.jinja")
+        with open(tfile, "w") as f:
+            f.write("X{% for m in messages %}{{ m['content'] }}{% endfor %}")
+        tpl = harness.ServerProcess(args.server, tmp, "tplfile", "--log-level", "warn",
+                                    "--checkpoint", ckpt, "--chat-template", tfile,
+                                    "--served-model-name", "my-model", http=True)
+        status, _, data = post(tpl.http_port, "/v1/chat/completions",
+                               {"model": "my-model", "messages": [{"role": "user", "content": "hey"}],
+                                "max_tokens": 1})
+        check(status == 200 and json.loads(data)["usage"]["prompt_tokens"] == 4,
+              "--chat-template FILE replaces the checkpoint's; --served-model-name")
+        tpl.stop()
 
         # 3. Auth.
         keys = os.path.join(tmp, "keys")
