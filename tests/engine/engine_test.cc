@@ -716,5 +716,48 @@ TEST_F(EngineTest, AnyIdOfTheEosListEndsTheGeneration) {
   EXPECT_EQ(e->model_summary().eos_token_ids.size(), 2u);
 }
 
+// Prefill once, fork, sample in each copy: the n > 1 of the OpenAI API.
+TEST_F(EngineTest, PrefillOnlyLeavesTheLastTokenPendingForEachFork) {
+  auto e = MakeEngine();
+  const std::vector<int64_t> prompt = Bytes("The story of a fox and a hound");
+  ASSERT_TRUE(e->CreateSession("direct").ok());
+  auto direct = Run(*e, "direct", prompt, Greedy(20));
+
+  ASSERT_TRUE(e->CreateSession("root").ok());
+  auto sink = std::make_shared<TestSink>();
+  GenerateRequest prefill{"root", prompt, Greedy(20), std::nullopt};
+  prefill.prefill_only = true;
+  ASSERT_TRUE(e->Submit(prefill, sink).ok());
+  ASSERT_TRUE(sink->WaitFinish());
+  EXPECT_TRUE(sink->tokens().empty());
+  EXPECT_EQ(sink->finish().completion_tokens, 0);
+  EXPECT_EQ(sink->finish().prompt_tokens, static_cast<int64_t>(prompt.size()));
+  auto root = e->GetSession("root");
+  ASSERT_TRUE(root.ok());
+  EXPECT_EQ(root->position, static_cast<int64_t>(prompt.size()) - 1);
+  ASSERT_TRUE(root->pending_token.has_value());
+  EXPECT_EQ(*root->pending_token, prompt.back());
+
+  ASSERT_TRUE(e->ForkSession("root", "copy").ok());
+  auto a = Run(*e, "root", {}, Greedy(20));
+  auto b = Run(*e, "copy", {}, Greedy(20));
+  EXPECT_EQ(a->tokens(), direct->tokens());
+  EXPECT_EQ(b->tokens(), direct->tokens());
+  // The pending token was absorbed once: both sessions now hold the prompt and 19 tokens (the
+  // 20th is pending), as the direct one does.
+  EXPECT_EQ(e->GetSession("copy")->position, e->GetSession("direct")->position);
+
+  // A prefill-only turn on a session whose pending token is its only input keeps it pending.
+  auto again = std::make_shared<TestSink>();
+  GenerateRequest nothing{"copy", {}, Greedy(5), std::nullopt};
+  nothing.prefill_only = true;
+  const auto before = e->GetSession("copy");
+  ASSERT_TRUE(e->Submit(nothing, again).ok());
+  ASSERT_TRUE(again->WaitFinish());
+  const auto after = e->GetSession("copy");
+  EXPECT_EQ(after->position, before->position);
+  EXPECT_EQ(after->pending_token, before->pending_token);
+}
+
 }  // namespace
 }  // namespace retnet::engine
