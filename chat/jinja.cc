@@ -2073,9 +2073,9 @@ class Renderer {
     for (const char* name : {"namespace", "raise_exception", "range", "strftime_now"}) {
       global->vars[name] = Function(FunctionBox::Type::kGlobal, name);
     }
-    global->vars["false"] = global->vars["False"] = Bool(false);
-    global->vars["true"] = global->vars["True"] = Bool(true);
-    global->vars["none"] = global->vars["None"] = Null();
+    for (const char* name : {"false", "False"}) global->vars[name] = Bool(false);
+    for (const char* name : {"true", "True"}) global->vars[name] = Bool(true);
+    for (const char* name : {"none", "None"}) global->vars[name] = Null();
     if (context.is_object()) {
       for (auto it = context.begin(); it != context.end(); ++it) {
         if (global->vars.contains(it.key())) {
@@ -2185,7 +2185,7 @@ class Renderer {
         ASSIGN_OR_RETURN(Args args, EvalArgs(call.args, scope));
         ASSIGN_OR_RETURN(Value callee, Eval(*call.kids[0], scope));
         if (!callee.is(Kind::kFunction)) {
-          return Error(call, absl::StrCat("cannot call a ", TypeName(callee)));
+          return Error(call, absl::StrCat("cannot call a value of type ", TypeName(callee)));
         }
         Value caller = Function(FunctionBox::Type::kCaller, "caller");
         caller.fn->node = &n;
@@ -2406,7 +2406,7 @@ class Renderer {
         ASSIGN_OR_RETURN(Args args, EvalArgs(n.args, scope));
         ASSIGN_OR_RETURN(Value callee, Eval(*n.kids[0], scope));
         if (!callee.is(Kind::kFunction)) {
-          return Error(n, absl::StrCat("cannot call a ", TypeName(callee)));
+          return Error(n, absl::StrCat("cannot call a value of type ", TypeName(callee)));
         }
         return Invoke(n, callee, args, nullptr);
       }

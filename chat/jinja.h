@@ -34,9 +34,15 @@
 // calls, the string, dict and loop methods and the globals `raise_exception`, `range`,
 // `namespace`, `strftime_now` (local time; %Y %m %d %b %B %H %M %%). See jinja.cc for the
 // complete list of filters, tests and methods. Not supported: template inheritance and includes,
-// `*args`/`**kwargs` in calls and macros, autoescaping, Unicode case mapping (upper/lower/title
-// change ASCII letters only). String lengths count UTF-16 code units like JavaScript, indexing
-// and slicing count code points.
+// `*args`/`**kwargs` in calls and macros, autoescaping, full Unicode case mapping (upper/lower
+// map ASCII, Latin-1, Latin Extended-A, basic Greek and Cyrillic only). String lengths count
+// UTF-16 code units like JavaScript, indexing and slicing count code points.
+//
+// Known differences from the oracle, all where it misbehaves: integer overflow beyond int64 and
+// division or modulo by zero are errors here (the oracle prints rounded numbers, `Infinity` or
+// `NaN`); `[] | first` is undefined (the oracle crashes); a macro's `varargs` / `kwargs` are not
+// supported (extra arguments are an error); printing a function prints nothing (the oracle
+// prints its JavaScript source).
 //
 // Errors: absl::InvalidArgumentError with the line and column (1-based; columns count bytes) of
 // the source, e.g. "line 3, column 12: unknown filter 'frobnicate' for a string".

@@ -5,7 +5,8 @@ Renders every real-world chat template in tests/chat/templates/*.jinja over a se
 conversations (with and without a system message, multi-turn, ending on an assistant turn, roles
 that do not alternate, tool calls and tool results, each with add_generation_prompt true and
 false), plus a synthetic set of small templates that exercise each supported feature, with both
-the C++ engine and the pinned JS library (tests/chat/jinja_oracle). Outputs must be
+the C++ engine and the pinned JS library (tests/chat/jinja_oracle), and 1500 seeded random edits
+of those templates (differential fuzzing of the lexer, parser and runtime). Outputs must be
 byte-identical; a case that fails must fail in both, and when the template raised an exception
 (raise_exception), with the same message.
 
@@ -16,6 +17,7 @@ import argparse
 import glob
 import json
 import os
+import random
 import subprocess
 import sys
 
@@ -200,6 +202,38 @@ SYNTHETIC = [
     ("{{ range(3) }} {{ range(1, 4) }} {{ range(10, 0, -3) }} {% for i in range(2) %}{{ i }}{% endfor %}", {}),
     ("{% set ns = namespace({'a': 1}, b=2) %}{{ ns.a }}{{ ns.b }}{{ ns.c }}", {}),
     ("{{ strftime_now('%Y') | length }} {{ strftime_now('%%|%S') }}", {}),
+    # Edges of the oracle's semantics (loose equality, JavaScript number printing, ...).
+    ("{% set x = [] | first %}{{ x is defined }}", {}),
+    ("{{ ns | items }}", {}), ("{% for x in xs %}{{ loop }}{% endfor %}", {"xs":[1]}),
+    ("{{x}}{{-x-}} {%- set y = 1 -%} {{y}}", {"x":1}), ("{{ 1. }}", {}), ("{{ .5 }}", {}),
+    ("{{ 2 ** 0.5 }}", {}),
+    ("{{ -x }}{{ +x }}{{ - 1 }}{{ not x }}", {"x": 1.5}), ("{{ x.y.z | default('d') }}", {}),
+    ("{{ '%s' % 1 }}", {}), ("{{ 'a' * 3 }}", {}), ("{{ 3 * 'a' }}", {}),
+    ("{{ messages[0]['content'] if messages else '' }}", {"messages": []}),
+    ("{{ m.content is none }}", {"m": {"content": None}}), ("{{ x | tojson(indent=2) }}", {"x": [[], {}, [1]]}),
+    ("{% if x is string and x %}s{% endif %}", {"x": "a"}), ("{{ x | join(',') }}", {"x": [None, 1.0, [1,2], {"a":1}, True]}),
+    ("{{ xs | map(attribute='a.b') | list }}", {"xs": [{"a": {"b": 1}}, {"a": {}}]}),
+    ("{{ xs | selectattr('a', 'none') | list }}", {"xs": [{"a": None}, {"a": 1}]}),
+    ("{{ xs | selectattr('a', 'equalto', 1) | list }}", {"xs": [{"a": 1}]}),
+    ("{{ d.items() | list }}", {"d": {"a": 1}}), ("{{ d | dictsort(true) }}", {"d": {"B": 1, "a": 2}}),
+    ("{% for a, b in d | items %}{{ a }}{{ b }}{% endfor %}", {"d": {"x": 1}}),
+    ("{{ 'ab' in ['ab'] }} {{ ['a'] in [['a']] }}", {}), ("{{ x['a'] }}", {"x": [1]}), ("{{ x[0] }}", {"x": {"0": 1}}),
+    ("{{ 'abc'[1] }} {{ 'abc'.length }} {{ 'abc' | count }}", {}), ("{{ (1, 2) | length }} {{ (1,) }}", {}),
+    ("{{ {'a': 1, 'a': 2} }}", {}), ("{{ {1: 2} }}", {}), ("{{ range(3) | sum }}", {}),
+    ("{% set x = namespace() %}{{ x is mapping }}{{ x is defined }}", {}),
+    ("{{ 'x' if true else }}", {}), ("{{ a if b if c else d else e }}", {}),
+    ("{% for x in [1,2,3] %}{% set y = x %}{% endfor %}{{ y }}", {}),
+    ("{% macro m() %}x{% endmacro %}{{ m(a=1) }}", {}),
+    ("{{ x.strip('a') }}", {"x": "aba"}), ("{{ 'a b'.split(' ', -1) }}", {}), ("{{ 'A'.lower().upper() }}", {}),
+    ("{{ true + 1 }}", {}), ("{{ 1 + true }}", {}), ("{{ 1 < true }}", {}), ("{{ none == false }}", {}),
+    ("{{ '' == 0 }} {{ ' 1 ' == 1 }} {{ '1e2' == 100 }} {{ 'x' == 0 }}", {}), ("{{ [1] == 1 }} {{ [] == '' }}", {}),
+    ("{{ 0.1 * 3 }} {{ 1e-7 if false else 0.0000001 }} {{ 100000000000000000000000.0 }}", {}),
+    ("{{ x }}", {"x": 1e300}), ("{{ x | tojson }}", {"x": 1e300}), ("{{ x }}", {"x": 123456789.125}),
+    ("{% raw %}{{ x }}{% endraw %}", {}), ("{{ x | indent(first=true) }}", {"x": "a\nb"}),
+    ("{{ 'Hello'|replace('l', 'L', count=none) }}", {}), ("{{ 'x'.startswith() }}", {}),
+    ("{{ xs|sort(attribute='n', reverse=true)|map(attribute='n')|list }}", {"xs": [{"n": 1}, {"n": 3}, {"n": 2}]}),
+    ("{{ strftime_now('%d %b %B %H:%M') | length > 5 }}", {}),
+    ("{%- for m in messages -%}{%- if loop.index0 is even -%}e{%- endif -%}{%- endfor -%}", {"messages": [1,2,3]}),
     # Errors: both sides must fail (raise_exception: with the same message).
     ("{{ raise_exception('Conversation roles must alternate') }}", {}),
     ("{% if messages | length > 1 %}{{ raise_exception('Only ' ~ 1 ~ ' message is supported') }}{% endif %}",
@@ -222,6 +256,33 @@ SYNTHETIC = [
     ("{{ [1, 2] | sort(attribute='x') | first }} {{ [1, 'a'] | sort }}", {}),
     ("{{ range }}", {"range": 1}),
 ]
+
+
+FRAGMENTS = ["{%", "%}", "{{", "}}", "-", "(", ")", "[", "]", "|", "'", '"', " if ", " else ",
+             "not ", " in ", ".", ",", ":", "~", "+", "*", "**", "//", "{#", "#}", "\n", " ",
+             "endif", "endfor", "{% endfor %}", "{% if x %}", "loop.", "[::-1]", "| tojson",
+             "| length", "0", "1.5", "none"]
+
+
+def mutated_cases(base, count, seed):
+    """Differential fuzzing: `count` random small edits (deletions, inserted Jinja fragments,
+    copied spans) of the other cases' templates; both engines must agree on each."""
+    rng = random.Random(seed)
+    cases = []
+    for k in range(count):
+        name, source, context = rng.choice(base)
+        for _ in range(rng.choice([1, 1, 1, 2])):
+            p = rng.randint(0, len(source))
+            r = rng.random()
+            if r < 0.4:
+                source = source[:p] + source[p + rng.randint(1, 5):]
+            elif r < 0.8:
+                source = source[:p] + rng.choice(FRAGMENTS) + source[p:]
+            else:
+                q = rng.randint(0, len(source))
+                source = source[:p] + source[q:q + 10] + source[p:]
+        cases.append((f"mutated/{k} (of {name})", source, context))
+    return cases
 
 
 def run(cmd, cases):
@@ -249,6 +310,8 @@ def main():
     cases = template_cases()
     n_templates = len(cases)
     cases += [(f"synthetic/{i}", t, c) for i, (t, c) in enumerate(SYNTHETIC)]
+    n_fixed = len(cases)
+    cases += mutated_cases(cases[::4], 1500, seed=20261203)
     ours = run([args.render], cases)
     theirs = run([args.node, os.path.join(ORACLE_DIR, "oracle.js")], cases)
     assert len(ours) == len(theirs) == len(cases)
@@ -272,7 +335,8 @@ def main():
         else:
             failed += 1
     print(f"{len(cases)} cases ({n_templates} from {len(glob.glob(os.path.join(HERE, 'templates', '*.jinja')))} "
-          f"templates, {len(SYNTHETIC)} synthetic): {rendered} identical renders, {raised} identical "
+          f"templates, {len(SYNTHETIC)} synthetic, {len(cases) - n_fixed} mutated): "
+          f"{rendered} identical renders, {raised} identical "
           f"raise_exception errors, {failed} failing in both, {failures} mismatches")
     if rendered < n_templates // 2:
         print("FAIL: too few successful renders to mean anything")
