@@ -1436,20 +1436,31 @@ struct ArrayBox {
 };
 
 struct ObjectBox {
+  // Small objects (most messages, `loop`) are searched linearly; larger ones get a hash index.
+  static constexpr size_t kIndexFrom = 16;
   std::vector<std::pair<std::string, Value>> items;
   absl::flat_hash_map<std::string, size_t> index;
 
   const Value* Find(const std::string& key) const {
+    if (items.size() < kIndexFrom) {
+      for (const auto& [k, v] : items) {
+        if (k == key) return &v;
+      }
+      return nullptr;
+    }
     auto it = index.find(key);
     return it == index.end() ? nullptr : &items[it->second].second;
   }
   void Set(const std::string& key, Value v) {
-    auto it = index.find(key);
-    if (it != index.end()) {
-      items[it->second].second = std::move(v);
-    } else {
-      index.emplace(key, items.size());
-      items.emplace_back(key, std::move(v));
+    if (Value* found = const_cast<Value*>(Find(key))) {
+      *found = std::move(v);
+      return;
+    }
+    items.emplace_back(key, std::move(v));
+    if (items.size() == kIndexFrom) {
+      for (size_t k = 0; k < items.size(); ++k) index.emplace(items[k].first, k);
+    } else if (items.size() > kIndexFrom) {
+      index.emplace(key, items.size() - 1);
     }
   }
 };
@@ -2286,6 +2297,7 @@ class Renderer {
     for (int64_t k = 0; k < length; ++k) {
       Value loop = Object();
       ObjectBox& l = *loop.object;
+      l.items.reserve(9);
       l.Set("index", Int(k + 1));
       l.Set("index0", Int(k));
       l.Set("revindex", Int(length - k));
