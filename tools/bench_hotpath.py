@@ -20,6 +20,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -192,7 +193,7 @@ def part_a(args, env, models):
         print(f"greedy tokens agree ({label}): {'yes' if ok else 'no'} — "
               + "; ".join(f"{p}: {n}/{len(greedy)} identical" for p, (_, n) in agree.items())
               + f"; prompt {len(prompt)} ids, eager greedy {greedy[:8]}...\n", flush=True)
-        results[label] = {"cpp": cpp, "eager_step_s": eager, "eager_greedy": greedy,
+        results[label] = {"cpp": cpp, "eager_step_s": eager, "eager_greedy": greedy, "ckpt": ckpt,
                           "prompt": prompt, "greedy_agree": ok,
                           "greedy_match": {p: n for p, (_, n) in agree.items()}}
         del model
@@ -203,9 +204,10 @@ def part_a(args, env, models):
 # (b) gRPC delivery vs the model step
 
 def client_bench(args, env, target, concurrency, requests, prompt_tokens, output_tokens, warmup,
-                 name):
+                 name, cpus=None):
     out = os.path.join(args.out, f"client_bench_{name}.json")
-    cmd = [args.client, "--target", target, "bench", "--concurrency", str(concurrency),
+    pin = ["taskset", "-c", cpus] if cpus else []
+    cmd = pin + [args.client, "--target", target, "bench", "--concurrency", str(concurrency),
            "--requests", str(requests), "--prompt-tokens", str(prompt_tokens),
            "--output-tokens", str(output_tokens), "--warmup", str(warmup), "--no-progress",
            "--session-prefix", f"hotpath-{name}", "--json", out]
@@ -252,6 +254,48 @@ def part_b(args, env, a_default):
         print(f"| {c} | {got:,.0f} | {model_tps:,.0f} | {ratios[c]:.2f} | "
               f"{lat['ttft_ms']['p50']:.2f} | {lat['itl_ms']['p50']:.2f} / "
               f"{lat['itl_ms']['p99']:.2f} | {step[c] * 1e3:.3f} |")
+    print(flush=True)
+    pinned = part_b_pinned(args, env, a_default, streams, out_tokens) \
+        if (os.cpu_count() or 1) >= 2 and shutil.which("taskset") else None
+    return {"bench": res, "ratio": ratios, "pinned": pinned}
+
+
+def part_b_pinned(args, env, a_default, streams, out_tokens):
+    """(b) again with the cores split: the server (1 intra-op thread) on CPU 0, the client on CPU
+    1, the model step measured alone on CPU 0 with 1 thread. Separates what the server's loop
+    costs from the sharing of 2 cores between the step's threads, gRPC and the client."""
+    print("### (b, pinned) server on CPU 0 with 1 intra-op thread, client on CPU 1\n")
+    env1 = dict(env, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    ckpt = a_default["ckpt"]
+    out = os.path.join(args.out, "bench_model_pinned.json")
+    sh(["taskset", "-c", "0", args.bench_model, "--checkpoint", ckpt, "--device", "cpu", "--dtype",
+        "float32", "--json", out, "--batches", ",".join(map(str, streams)), "--lengths", "",
+        "--steps", "200", "--path", "auto"], env1, 900, log=out[:-5] + ".log")
+    with open(out) as fh:
+        step = {d["batch"]: d["step_s"] for d in json.load(fh)["decode"]}
+    tmp = tempfile.mkdtemp(prefix="bp-", dir=args.out)
+    server = harness.ServerProcess(args.server, tmp, "bp", "--max-sessions", "16", "--threads", "1",
+                                   log=os.path.join(args.out, "server_b_pinned.log"),
+                                   preexec_fn=lambda: os.sched_setaffinity(0, {0}))
+    res = {}
+    try:
+        for c in streams:
+            res[c] = client_bench(args, env1, server.target, c, c * args.b_requests_per_stream, 8,
+                                  out_tokens, c, f"bp{c}", cpus="1")
+    finally:
+        server.stop()
+    print("| streams | gRPC output tok/s | model step tok/s (1 thread, CPU 0) | gRPC / step | "
+          "ITL p50 / p99 ms | model ms/step |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    ratios = {}
+    for c in streams:
+        r = res[c]
+        got = r["output_token_throughput"]
+        model_tps = c / step[c]
+        ratios[c] = got / model_tps
+        lat = r["latency"]
+        print(f"| {c} | {got:,.0f} | {model_tps:,.0f} | {ratios[c]:.2f} | "
+              f"{lat['itl_ms']['p50']:.2f} / {lat['itl_ms']['p99']:.2f} | {step[c] * 1e3:.3f} |")
     print(flush=True)
     return {"bench": res, "ratio": ratios}
 
@@ -458,6 +502,9 @@ def main(argv=None):
         for s, ratio in b["ratio"].items():
             row(f"gRPC tok/s / model step tok/s >= 0.9 at {s} stream{'s' if s > 1 else ''}",
                 f"{ratio:.2f}", ratio >= 0.9)
+        for s, ratio in (b.get("pinned") or {}).get("ratio", {}).items():
+            row(f"pinned (server CPU 0, client CPU 1): gRPC / step >= 0.9 at {s} "
+                f"stream{'s' if s > 1 else ''}", f"{ratio:.2f}", ratio >= 0.9)
     if c:
         row("ITL p99 with control load (4/s create/export/fork/delete) / quiet <= 1.5x",
             f"{c['ratio']:.2f}x ({c['quiet']['latency']['itl_ms']['p99']:.2f} -> "
