@@ -14,6 +14,7 @@
 #include <set>
 #include <thread>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -48,6 +49,8 @@ const char* ErrorType(int http) {
       return "permission_error";
     case 404:
       return "not_found_error";
+    case 409:
+      return "conflict_error";
     case 429:
       return "rate_limit_error";
     case 503:
@@ -395,7 +398,8 @@ std::optional<ApiError> ParseParams(const json& body, bool chat, int64_t max_n, 
         for (size_t k = 0; k < content->size(); ++k) {
           const json& part = (*content)[k];
           const std::string pw = absl::StrCat(where, ".content[", k, "]");
-          if (!part.is_object() || part.value("type", "") != "text" || !part.contains("text") ||
+          if (!part.is_object() || !part.contains("type") || !part["type"].is_string() ||
+              part["type"].get<std::string>() != "text" || !part.contains("text") ||
               !part["text"].is_string()) {
             return Bad(pw, "only {\"type\": \"text\", \"text\": ...} parts are supported");
           }
@@ -486,6 +490,12 @@ struct OpenAiApi::Call {
   int open = 0;
   std::vector<std::unique_ptr<grpc::ClientContext>> contexts;
   std::vector<std::thread> readers;
+  // n > 1: the temporary copies. Each is deleted by the engine when its turn ends; one whose turn
+  // never reached the engine (cancelled while queued, refused while draining or at admission)
+  // is deleted here once every stream has ended (NOT_FOUND when the engine did it).
+  v1::RetNet::Stub* cleanup_stub = nullptr;
+  std::string cleanup_auth;
+  std::vector<std::string> cleanup;
 
   void Start(v1::RetNet::Stub* stub, int choice, v1::GenerateRequest request,
              const std::string& auth) {
@@ -547,6 +557,14 @@ struct OpenAiApi::Call {
   ~Call() {
     Cancel();
     for (auto& t : readers) t.join();
+    for (const std::string& id : cleanup) {
+      grpc::ClientContext ctx;
+      if (!cleanup_auth.empty()) ctx.AddMetadata("authorization", cleanup_auth);
+      v1::DeleteSessionRequest d;
+      d.set_session_id(id);
+      v1::DeleteSessionResponse out;
+      (void)cleanup_stub->DeleteSession(&ctx, d, &out);
+    }
   }
 };
 
@@ -641,7 +659,7 @@ struct Output {
         part[keys[k]].push_back(values[k]);
         c.logprobs[keys[k]].push_back(values[k]);
       }
-      c.text_offset += static_cast<int64_t>(text.size());
+      c.text_offset += static_cast<int64_t>(t.text().size());  // offsets into the returned text
     }
     return part;
   }
@@ -831,6 +849,28 @@ void ReplyError(httplib::Response& res, const ApiError& e) { Reply(res, e.http, 
 
 void OpenAiApi::Register(httplib::Server& server) {
   server.set_payload_max_length(static_cast<size_t>(options_.max_body_bytes));
+  // httplib's own answers (unknown route, body too large) and escaped exceptions in OpenAI's
+  // error shape; an exception's text is logged, not sent.
+  server.set_error_handler([](const httplib::Request&, httplib::Response& res) {
+    if (!res.body.empty()) return;
+    const int status = res.status;
+    ReplyError(res, ApiError{status,
+                             status == 404   ? "no such endpoint"
+                             : status == 413 ? "the request body is too large"
+                                             : absl::StrCat("HTTP ", status),
+                             "", ""});
+  });
+  server.set_exception_handler(
+      [](const httplib::Request& req, httplib::Response& res, std::exception_ptr ep) {
+        try {
+          if (ep) std::rethrow_exception(ep);
+        } catch (const std::exception& e) {
+          spdlog::error("http: {} {}: {}", req.method, req.path, e.what());
+        } catch (...) {
+          spdlog::error("http: {} {}: unknown exception", req.method, req.path);
+        }
+        ReplyError(res, ApiError{500, "internal error", "", ""});
+      });
   auto count = [this](const char* endpoint, int status) {
     if (metrics_ != nullptr) metrics_->CountHttpRequest(endpoint, status);
   };
@@ -852,7 +892,7 @@ void OpenAiApi::Register(httplib::Server& server) {
     const std::string endpoint = req.matches.size() > 1 ? "/v1/models/{id}" : "/v1/models";
     if (!ready_.load()) {
       ReplyError(res, ApiError{503, "the model is loading", "", ""});
-      count("/v1/models", res.status);
+      count(endpoint.c_str(), res.status);
       return;
     }
     // Authorised like every call: through the gRPC service.
@@ -863,7 +903,7 @@ void OpenAiApi::Register(httplib::Server& server) {
     grpc::Status s = stub_->GetModelInfo(&ctx, v1::GetModelInfoRequest(), &info);
     if (!s.ok()) {
       ReplyError(res, FromGrpc(s));
-      count("/v1/models", res.status);
+      count(endpoint.c_str(), res.status);
       return;
     }
     json model = {{"id", options_.served_model_name},
@@ -883,7 +923,7 @@ void OpenAiApi::Register(httplib::Server& server) {
     } else {
       Reply(res, 200, json{{"object", "list"}, {"data", json::array({model})}});
     }
-    count("/v1/models", res.status);
+    count(endpoint.c_str(), res.status);
   };
   server.Get("/v1/models", models);
   server.Get(R"(/v1/models/(.+))", models);
@@ -932,7 +972,8 @@ void OpenAiApi::Completions(const std::string& body_text, const std::string& aut
   // Chat: render the conversation; with a session, keep only what extends its record.
   std::shared_ptr<Conversation> conv;
   std::string rendered;
-  auto release_conv = [&] {
+  // Released on every way out (errors, exceptions) unless handed to the answer.
+  absl::Cleanup release_conv_on_exit = [&] {
     if (conv == nullptr) return;
     absl::MutexLock lock(&mu_);
     conv->busy = false;
@@ -947,14 +988,28 @@ void OpenAiApi::Completions(const std::string& body_text, const std::string& aut
     rendered = *std::move(text);
     std::string delta = rendered;
     if (!session.empty()) {
+      // The session first (this also authenticates the caller): only then a record.
+      grpc::ClientContext ctx;
+      if (!auth.empty()) ctx.AddMetadata("authorization", auth);
+      v1::GetSessionRequest get;
+      get.set_session_id(session);
+      v1::Session info;
+      grpc::Status s = stub_->GetSession(&ctx, get, &info);
+      int64_t tokens = 0;
+      if (s.ok()) {
+        tokens = info.position() + (info.has_pending_token() ? 1 : 0);
+      } else if (s.error_code() != grpc::StatusCode::NOT_FOUND) {
+        return ReplyError(res, FromGrpc(s));
+      }
       const std::string key = absl::StrCat(auth, "\n", session);
       {
         absl::MutexLock lock(&mu_);
         auto& slot = conversations_[key];
         if (slot == nullptr) slot = std::make_shared<Conversation>();
         if (slot->busy) {
-          return ReplyError(res, Bad("x-session-id", absl::StrCat("session '", session,
-                                                                  "' is already generating")));
+          return ReplyError(
+              res, ApiError{409, absl::StrCat("session '", session, "' is already generating"),
+                            "x-session-id", "session_busy"});
         }
         slot->busy = true;
         slot->last_use = ++use_counter_;
@@ -971,22 +1026,8 @@ void OpenAiApi::Completions(const std::string& body_text, const std::string& aut
           conversations_.erase(oldest);
         }
       }
-      grpc::ClientContext ctx;
-      if (!auth.empty()) ctx.AddMetadata("authorization", auth);
-      v1::GetSessionRequest get;
-      get.set_session_id(session);
-      v1::Session info;
-      grpc::Status s = stub_->GetSession(&ctx, get, &info);
-      int64_t tokens = 0;
-      if (s.ok()) {
-        tokens = info.position() + (info.has_pending_token() ? 1 : 0);
-      } else if (s.error_code() != grpc::StatusCode::NOT_FOUND) {
-        release_conv();
-        return ReplyError(res, FromGrpc(s));
-      }
       if (tokens > 0) {
         if (conv->text.empty() || conv->tokens != tokens) {
-          release_conv();
           return ReplyError(
               res, Bad("x-session-id",
                        absl::StrCat("session '", session,
@@ -995,7 +1036,6 @@ void OpenAiApi::Completions(const std::string& body_text, const std::string& aut
                                     "session")));
         }
         if (!absl::StartsWith(rendered, conv->text)) {
-          release_conv();
           return ReplyError(
               res,
               Bad("messages", absl::StrCat("the messages do not extend the conversation "
@@ -1011,7 +1051,6 @@ void OpenAiApi::Completions(const std::string& body_text, const std::string& aut
           delta.erase(0, eos_token_.size());
         }
         if (delta.empty()) {
-          release_conv();
           return ReplyError(res, Bad("messages", "no new message after the conversation so far"));
         }
       }
@@ -1111,6 +1150,9 @@ void OpenAiApi::Completions(const std::string& body_text, const std::string& aut
       temporary.push_back(f.new_session_id());
       copies.push_back(f.new_session_id());
     }
+    call->cleanup_stub = stub_.get();
+    call->cleanup_auth = auth;
+    call->cleanup.insert(call->cleanup.end(), copies.begin(), copies.end());
     for (int64_t k = 0; k < p.n; ++k) {
       v1::GenerateRequest r = p.base;
       r.set_session_id(copies[k]);
@@ -1118,7 +1160,7 @@ void OpenAiApi::Completions(const std::string& body_text, const std::string& aut
       r.mutable_sampling()->set_seed(base_seed + pi * p.n + k);
       call->Start(stub_.get(), choice++, std::move(r), auth);
     }
-    temporary.clear();  // each copy is deleted when its choice ends, however it ends
+    temporary.clear();  // now the call's: see Call::cleanup
   }
   const int choices = choice;
 
@@ -1129,7 +1171,6 @@ void OpenAiApi::Completions(const std::string& body_text, const std::string& aut
     const grpc::Status s =
         any ? first.status : grpc::Status(grpc::StatusCode::INTERNAL, "no response");
     call.reset();
-    release_conv();
     return ReplyError(res, FromGrpc(s));
   }
 

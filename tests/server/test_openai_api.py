@@ -77,13 +77,19 @@ def main():
     tmp = tempfile.mkdtemp(prefix="retnet-openai-")
     try:
         # 1. The openai client's checks.
-        server = harness.ServerProcess(args.server, tmp, "main", "--log-level", "warn", http=True)
+        server = harness.ServerProcess(args.server, tmp, "main", "--log-level", "warn",
+                                       "--drain-grace-s", "120", http=True)
         out = subprocess.run([node, os.path.join(args.node_dir, "test_openai.js"), server.base_url,
                               MODEL], capture_output=True, text=True, timeout=600)
         print(out.stdout, end="")
         if out.stderr:
             print(out.stderr, end="")
         check(out.returncode == 0, "the openai npm client's checks pass")
+        # Every temporary session of n > 1 is gone; only the chat session the client kept stays.
+        sessions = (metric(server.http_port, "retnet_sessions_resident") +
+                    metric(server.http_port, "retnet_sessions_spilled"))
+        check(sessions == 1, f"n > 1 and one-shot requests leave nothing behind ({sessions:.0f} "
+              "sessions: the client's one chat session)")
 
         # 2. Raw SSE framing through curl -N.
         body = {"model": MODEL, "prompt": "Hello", "max_tokens": 8, "temperature": 0,
@@ -115,6 +121,16 @@ def main():
         r.read()
         check(r.status == 400, "a deeply nested body: 400, no crash")
         conn.close()
+        status, _, data = post(server.http_port, "/v1/chat/completions",
+                               {"messages": [{"role": "user", "content": [{"type": 7}]}]})
+        check(status == 400 and "messages[0].content[0]" in json.loads(data)["error"]["message"],
+              "a content part whose type is not a string: 400 naming it")
+        status, data = get(server.http_port, "/v1/nothing")
+        check(status == 404 and json.loads(data)["error"]["type"] == "not_found_error",
+              "an unknown endpoint: 404 in OpenAI's error shape")
+        status, _, data = post(server.http_port, "/v1/completions", {"prompt": "x" * (9 << 20)})
+        check(status == 413 and "too large" in json.loads(data)["error"]["message"],
+              "a body over 8 MiB: 413 in OpenAI's error shape")
         status, data = get(server.http_port, "/health")
         check(status == 200, "GET /health: 200")
 
@@ -171,7 +187,7 @@ def main():
 
         # 7. Draining: a running stream finishes, new requests and /health get 503.
         sock = socket.create_connection(("127.0.0.1", server.http_port), timeout=60)
-        req = json.dumps({"model": MODEL, "prompt": "Drain", "max_tokens": 600, "temperature": 0,
+        req = json.dumps({"model": MODEL, "prompt": "Drain", "max_tokens": 3000, "temperature": 0,
                           "ignore_eos": True, "stream": True})
         sock.sendall((f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
                       f"\r\nContent-Length: {len(req)}\r\n\r\n{req}").encode())
@@ -277,6 +293,9 @@ def main():
         err = json.loads(data).get("error", {})
         check(status == 429 and err.get("type") == "rate_limit_error",
               f"capacity: n=2 needs sessions the pool cannot hold -> 429 ({status} {err})")
+        left = (metric(full.http_port, "retnet_sessions_resident") +
+                metric(full.http_port, "retnet_sessions_spilled"))
+        check(left == 1, f"capacity: the refused request left no session behind ({left:.0f})")
         full.stop()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -162,9 +162,11 @@ async function main() {
   await expectError(client.chat.completions.create(
       { model: modelName, messages: [{ role: 'user', content: 'Something else.' }], max_tokens: 4 }, opts),
       400, 'session: messages that do not extend the conversation', 'do not extend');
-  const t2s = await collect(await client.chat.completions.create({ model: modelName, messages: [...convo,
-      { role: 'assistant', content: t2.choices[0].message.content }, { role: 'user', content: 'Ok.' }], max_tokens: 6, temperature: 0, stream: true }, opts));
-  check(t2s.length > 1, 'session: a streamed third turn continues');
+  const convo3 = [...convo, { role: 'assistant', content: t2.choices[0].message.content }, { role: 'user', content: 'Ok.' }];
+  const t3 = await collect(await client.chat.completions.create({ model: modelName, messages: convo3, max_tokens: 10, temperature: 0, stream: true }, opts));
+  const whole3 = await client.chat.completions.create({ model: modelName, messages: convo3, max_tokens: 10, temperature: 0 });
+  check(textsByIndex(t3, true)[0] === whole3.choices[0].message.content,
+        'session: a streamed third turn equals the whole conversation sent at once');
   await expectError(client.completions.create({ model: modelName, prompt, n: 2, max_tokens: 4 }, opts), 400, 'session: n > 1', 'n');
 
   // Errors.
