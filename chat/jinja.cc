@@ -60,24 +60,6 @@ uint32_t DecodeAt(std::string_view s, size_t i, size_t* len) {
   return cp;
 }
 
-void AppendUtf8(std::string* out, uint32_t cp) {
-  if (cp < 0x80) {
-    out->push_back(static_cast<char>(cp));
-  } else if (cp < 0x800) {
-    out->push_back(static_cast<char>(0xC0 | (cp >> 6)));
-    out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-  } else if (cp < 0x10000) {
-    out->push_back(static_cast<char>(0xE0 | (cp >> 12)));
-    out->push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
-    out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-  } else {
-    out->push_back(static_cast<char>(0xF0 | (cp >> 18)));
-    out->push_back(static_cast<char>(0x80 | ((cp >> 12) & 0x3F)));
-    out->push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
-    out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-  }
-}
-
 // JavaScript's \s (and String.prototype.trim's set).
 bool IsJsSpace(uint32_t cp) {
   if (cp <= 32) return cp == 32 || (cp >= 9 && cp <= 13);
@@ -193,7 +175,7 @@ std::string MapCase(std::string_view s, bool upper) {
     if (upper && c == 0xDF) {
       r += "SS";
     } else {
-      AppendUtf8(&r, upper ? UpperCp(c) : LowerCp(c));
+      common::AppendUtf8(&r, upper ? UpperCp(c) : LowerCp(c));
     }
     i += len;
   }
@@ -689,7 +671,7 @@ class Lexer {
           }
           pos_ += n;
           if (cp >= 0xD800 && cp <= 0xDFFF) cp = 0xFFFD;  // no lone surrogates in UTF-8
-          AppendUtf8(&str, cp);
+          common::AppendUtf8(&str, cp);
           break;
         }
         default:

@@ -91,24 +91,6 @@ uint32_t NextCodePoint(std::string_view s, size_t* i) {
   return 0xFFFD;
 }
 
-void AppendUtf8(uint32_t cp, std::string* out) {
-  if (cp < 0x80) {
-    out->push_back(static_cast<char>(cp));
-  } else if (cp < 0x800) {
-    out->push_back(static_cast<char>(0xC0 | (cp >> 6)));
-    out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-  } else if (cp < 0x10000) {
-    out->push_back(static_cast<char>(0xE0 | (cp >> 12)));
-    out->push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
-    out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-  } else {
-    out->push_back(static_cast<char>(0xF0 | (cp >> 18)));
-    out->push_back(static_cast<char>(0x80 | ((cp >> 12) & 0x3F)));
-    out->push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
-    out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-  }
-}
-
 std::u16string ToUtf16(std::string_view s) {
   std::u16string out;
   out.reserve(s.size());
@@ -133,7 +115,7 @@ std::string FromUtf16(const char16_t* s, size_t n) {
       cp = 0x10000 + ((cp - 0xD800) << 10) + (s[i + 1] - 0xDC00);
       ++i;
     }
-    AppendUtf8(cp, &out);
+    common::AppendUtf8(&out, cp);
   }
   return out;
 }
@@ -155,7 +137,7 @@ struct ByteMap {
     for (int b = 0; b < 256; ++b) {
       const bool printable = (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || (b >= 174);
       const uint32_t cp = printable ? static_cast<uint32_t>(b) : static_cast<uint32_t>(256 + n++);
-      AppendUtf8(cp, &byte_to_char[b]);
+      common::AppendUtf8(&byte_to_char[b], cp);
       char_to_byte[cp] = b;
     }
   }
