@@ -66,7 +66,12 @@ std::string Dump(const json& j) { return j.dump(-1, ' ', false, json::error_hand
 std::string Sse(const json& j) { return absl::StrCat("data: ", Dump(j), "\n\n"); }
 
 json ErrorJson(const ApiError& e) {
-  json err = {{"message", common::SanitizeUtf8(e.message)},
+  // Bounded like a gRPC status message: an error never grows with the input that caused it.
+  constexpr size_t kMaxMessageBytes = 1024;
+  std::string message = common::SanitizeUtf8(
+      std::string_view(e.message).substr(0, std::min(e.message.size(), kMaxMessageBytes)));
+  if (e.message.size() > kMaxMessageBytes) message += "...";
+  json err = {{"message", message},
               {"type", ErrorType(e.http)},
               {"param", e.param.empty() ? json(nullptr) : json(e.param)},
               {"code", e.code.empty() ? json(nullptr) : json(e.code)}};
@@ -170,6 +175,14 @@ std::string RandomHex(int bytes) {
     out.push_back(kHex[(v >> 4) & 15]);
   }
   return out;
+}
+
+// gRPC metadata values (the Authorization header travels as one) are printable ASCII.
+bool PrintableAscii(const std::string& s) {
+  return std::all_of(s.begin(), s.end(), [](char c) { return c >= 0x20 && c < 0x7F; });
+}
+ApiError BadAuthorization() {
+  return ApiError{401, "Authorization: must be 'Bearer <key>' in printable ASCII", "", ""};
 }
 
 bool IsInteger(const json& v) {
@@ -898,6 +911,11 @@ void OpenAiApi::Register(httplib::Server& server) {
     // Authorised like every call: through the gRPC service.
     grpc::ClientContext ctx;
     const std::string auth = req.get_header_value("Authorization");
+    if (!PrintableAscii(auth)) {
+      ReplyError(res, BadAuthorization());
+      count(endpoint.c_str(), res.status);
+      return;
+    }
     if (!auth.empty()) ctx.AddMetadata("authorization", auth);
     v1::ModelInfo info;
     grpc::Status s = stub_->GetModelInfo(&ctx, v1::GetModelInfoRequest(), &info);
@@ -943,6 +961,11 @@ void OpenAiApi::Completions(const std::string& body_text, const std::string& aut
   httplib::Response& res = *static_cast<httplib::Response*>(http_response);
   std::shared_ptr<void> in_flight = BeginRequest();
   if (!ready_.load()) return ReplyError(res, ApiError{503, "the model is loading", "", ""});
+  // Headers become proto strings and gRPC metadata: UTF-8 and printable ASCII only.
+  if (!common::IsValidUtf8(session)) {
+    return ReplyError(res, Bad("x-session-id", "not valid UTF-8"));
+  }
+  if (!PrintableAscii(auth)) return ReplyError(res, BadAuthorization());
   if (TooDeep(body_text)) {
     return ReplyError(res, ApiError{400, "the request body is nested too deeply", "", ""});
   }

@@ -125,6 +125,10 @@ def main():
                                {"messages": [{"role": "user", "content": [{"type": 7}]}]})
         check(status == 400 and "messages[0].content[0]" in json.loads(data)["error"]["message"],
               "a content part whose type is not a string: 400 naming it")
+        status, _, data = post(server.http_port, "/v1/completions", {"prompt": "x"},
+                               {"x-session-id": "\xff\xfe"})
+        check(status == 400 and "x-session-id" in json.loads(data)["error"]["message"],
+              "an x-session-id that is not UTF-8: 400 naming it")
         status, data = get(server.http_port, "/v1/nothing")
         check(status == 404 and json.loads(data)["error"]["type"] == "not_found_error",
               "an unknown endpoint: 404 in OpenAI's error shape")
