@@ -743,9 +743,9 @@ class Process {
     if (pid_ == 0) {
       const std::string bin = std::string(RETNET_SERVER_BIN);
       ::execl(bin.c_str(), bin.c_str(), "--listen", "127.0.0.1:0", "--state-dir", state_dir.c_str(),
-              "--port-file", port_file.c_str(), "--metrics-listen", "127.0.0.1:0",
-              "--http-listen", "127.0.0.1:0", "--snapshot-interval-s", snapshot_interval.c_str(), "--log-level", "info",
-              static_cast<char*>(nullptr));
+              "--port-file", port_file.c_str(), "--metrics-listen", "127.0.0.1:0", "--http-listen",
+              "127.0.0.1:0", "--snapshot-interval-s", snapshot_interval.c_str(), "--log-level",
+              "info", static_cast<char*>(nullptr));
       ::_exit(127);
     }
   }
