@@ -11,7 +11,7 @@ packages=(
   libsentencepiece-dev libgtest-dev libgmock-dev libbenchmark-dev
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   python3-grpcio libcpp-httplib-dev openssl libxxhash-dev clang-14
-  libpcre2-dev libicu-dev
+  libpcre2-dev libicu-dev libhiredis-dev redis-server python3-redis
   nginx docker-compose python3-yaml
 )
 

@@ -7,6 +7,7 @@
 
 #include <CLI/CLI.hpp>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <iostream>
 
@@ -16,6 +17,7 @@
 int main(int argc, char** argv) {
   retnet::server::ServerOptions o;
   double ttl_s = 1800, snapshot_s = 60, grace_s = 10, state_mb = 0;
+  int64_t lease_ttl_ms = 10000, lease_wait_ms = 3000, store_timeout_ms = 2000;
   std::string log_level = "info", port_file, http_port_file;
   o.http_listen = "0.0.0.0:8000";
   bool json_logs = false;
@@ -49,9 +51,32 @@ int main(int argc, char** argv) {
   app.add_option("--state-dir", o.state_dir,
                  "directory for session snapshots (restart without loss)")
       ->envname("RETNET_STATE_DIR");
-  app.add_flag("--state-dir-shared", o.state_dir_shared,
-               "replicas share --state-dir: restore sessions on first use, not at start")
-      ->envname("RETNET_STATE_DIR_SHARED");
+  app.add_flag("--state-dir-write-through", o.state_dir_write_through,
+               "save every turn to --state-dir before its end is sent (a crash loses no "
+               "acknowledged turn)")
+      ->envname("RETNET_STATE_DIR_WRITE_THROUGH");
+  bool removed_shared = false;
+  app.add_flag("--state-dir-shared", removed_shared, "removed: use --session-store")
+      ->envname("RETNET_STATE_DIR_SHARED")
+      ->group("");
+  app.add_option("--session-store", o.session_store,
+                 "replicas share sessions here: redis://[[user]:password@]host[:port][/db]")
+      ->envname("RETNET_SESSION_STORE");
+  app.add_option("--session-store-prefix", o.session_store_prefix, "prefix of the store's keys")
+      ->envname("RETNET_SESSION_STORE_PREFIX")
+      ->capture_default_str();
+  app.add_option("--session-lease-ttl-ms", lease_ttl_ms,
+                 "a session's lease lifetime; the replica holding it renews it every third")
+      ->envname("RETNET_SESSION_LEASE_TTL_MS")
+      ->capture_default_str();
+  app.add_option("--session-lease-wait-ms", lease_wait_ms,
+                 "how long a turn waits for a lease another turn holds before UNAVAILABLE")
+      ->envname("RETNET_SESSION_LEASE_WAIT_MS")
+      ->capture_default_str();
+  app.add_option("--session-store-timeout-ms", store_timeout_ms,
+                 "connect and command timeout of the session store")
+      ->envname("RETNET_SESSION_STORE_TIMEOUT_MS")
+      ->capture_default_str();
   app.add_option("--state-dir-writers", o.state_dir_writers,
                  "threads writing session snapshots (one session is never written by two at once)")
       ->envname("RETNET_STATE_DIR_WRITERS")
@@ -132,6 +157,19 @@ int main(int argc, char** argv) {
   if (json_logs) {
     retnet::server::UseJsonLogs();
   }
+  if (removed_shared) {
+    spdlog::error(
+        "--state-dir-shared was removed: two replicas on one directory could lose an "
+        "acknowledged turn. Replicas share sessions through --session-store redis://HOST:PORT "
+        "(deploy/README.md); --state-dir is one server's");
+    return 2;
+  }
+  if (const char* pw = std::getenv("RETNET_SESSION_STORE_PASSWORD"); pw != nullptr) {
+    o.session_store_password = pw;
+  }
+  o.session_lease_ttl = absl::Milliseconds(lease_ttl_ms);
+  o.session_lease_wait = absl::Milliseconds(lease_wait_ms);
+  o.session_store_timeout = absl::Milliseconds(store_timeout_ms);
   o.session_ttl = absl::Seconds(ttl_s);
   o.snapshot_interval = absl::Seconds(snapshot_s);
   o.state_memory_bytes = static_cast<int64_t>(state_mb * 1048576.0);

@@ -73,18 +73,54 @@ void Metrics::CountHttpRequest(const std::string& endpoint, int status) {
   ++http_requests_[{endpoint, status}];
 }
 
+void Metrics::EnableStoreMetrics() {
+  absl::MutexLock lock(&mu_);
+  store_used_ = true;
+}
+void Metrics::ObserveStore(const std::string& op, double s) {
+  absl::MutexLock lock(&mu_);
+  store_used_ = true;
+  auto it = store_seconds_.find(op);
+  if (it == store_seconds_.end()) {
+    Histogram h;
+    h.bounds = {0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+                0.025,  0.05,    0.1,    0.25,  0.5,    1,     2.5};
+    h.counts.assign(h.bounds.size() + 1, 0);
+    it = store_seconds_.emplace(op, std::move(h)).first;
+  }
+  it->second.Observe(s);
+}
+void Metrics::CountStoreError(const std::string& op) {
+  absl::MutexLock lock(&mu_);
+  ++store_errors_[op];
+}
+void Metrics::CountLeaseHandover() {
+  absl::MutexLock lock(&mu_);
+  ++handovers_;
+}
+void Metrics::CountLeaseRefused() {
+  absl::MutexLock lock(&mu_);
+  ++refused_;
+}
+void Metrics::CountLeaseLost() {
+  absl::MutexLock lock(&mu_);
+  ++lost_;
+}
+
 void Metrics::RenderHistogram(std::string& out, const std::string& name, const std::string& help,
-                              const Histogram& h) {
-  absl::StrAppend(&out, "# HELP ", name, " ", help, "\n# TYPE ", name, " histogram\n");
+                              const Histogram& h, const std::string& labels, bool header) {
+  if (header) absl::StrAppend(&out, "# HELP ", name, " ", help, "\n# TYPE ", name, " histogram\n");
+  const std::string pre = labels.empty() ? "" : absl::StrCat(labels, ",");
+  const std::string own = labels.empty() ? "" : absl::StrCat("{", labels, "}");
   uint64_t cumulative = 0;
   for (size_t i = 0; i < h.bounds.size(); ++i) {
     cumulative += h.counts[i];
-    absl::StrAppend(&out, name, "_bucket{le=\"", absl::StrFormat("%g", h.bounds[i]), "\"} ",
-                    cumulative, "\n");
+    absl::StrAppend(&out, name, "_bucket{", pre, "le=\"", absl::StrFormat("%g", h.bounds[i]),
+                    "\"} ", cumulative, "\n");
   }
-  absl::StrAppend(&out, name, "_bucket{le=\"+Inf\"} ", h.count, "\n");
-  absl::StrAppend(&out, name, "_sum ", absl::StrFormat("%.9g", h.sum), "\n", name, "_count ",
-                  h.count, "\n");
+  absl::StrAppend(&out, name, "_bucket{", pre, "le=\"+Inf\"} ", h.count, "\n");
+  absl::StrAppend(&out, name, "_sum", own, " ", absl::StrFormat("%.9g", h.sum), "\n", name,
+                  "_count", own, " ", h.count, "\n");
 }
 
 std::string Metrics::Render(const engine::PoolStats& s) const {
@@ -129,6 +165,32 @@ std::string Metrics::Render(const engine::PoolStats& s) const {
   for (const auto& [key, n] : http_requests_) {
     absl::StrAppend(&out, "retnet_http_requests_total{endpoint=\"", key.first, "\",status=\"",
                     key.second, "\"} ", n, "\n");
+  }
+  if (store_used_) {
+    bool first = true;
+    for (const auto& [op, h] : store_seconds_) {
+      RenderHistogram(out, "retnet_session_store_seconds",
+                      "Session store (Redis) call latency by operation.", h,
+                      absl::StrCat("op=\"", op, "\""), first);
+      first = false;
+    }
+    absl::StrAppend(&out,
+                    "# HELP retnet_session_store_errors_total Session store calls that failed "
+                    "(unreachable or refused), by operation.\n",
+                    "# TYPE retnet_session_store_errors_total counter\n");
+    for (const auto& [op, n] : store_errors_)
+      absl::StrAppend(&out, "retnet_session_store_errors_total{op=\"", op, "\"} ", n, "\n");
+    auto counter = [&](const char* name, const char* help, uint64_t v) {
+      absl::StrAppend(&out, "# HELP ", name, " ", help, "\n# TYPE ", name, " counter\n", name, " ",
+                      v, "\n");
+    };
+    counter("retnet_session_lease_handovers_total",
+            "Turns that took over a session another replica wrote last.", handovers_);
+    counter("retnet_session_lease_refused_total",
+            "Turns refused (UNAVAILABLE) because another turn held the session's lease.",
+            refused_);
+    counter("retnet_session_lease_lost_total",
+            "Leases lost during a turn (the turn's write is refused).", lost_);
   }
   return out;
 }

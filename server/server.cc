@@ -24,6 +24,7 @@
 #include "server/metrics.h"
 #include "server/openai_api.h"
 #include "server/service.h"
+#include "server/redis_store.h"
 #include "server/state_dir.h"
 
 namespace retnet::server {
@@ -36,6 +37,7 @@ struct Server::Impl {
   // Declared after the engine and before the gRPC server: destroyed after the server (whose
   // handlers use it) and before the engine (which its writer uses).
   std::unique_ptr<StateDirectory> state;  // null without --state-dir
+  std::unique_ptr<RedisStore> redis;      // null without --session-store
   ApiKeys keys;
   std::unique_ptr<RetNetService> service;
   std::unique_ptr<grpc::Server> grpc_server;
@@ -153,12 +155,16 @@ std::string Server::Describe() const {
   return absl::StrFormat(
       "retnet-server listening on %s (port %d): %s from %s on %s/%s; %d session slots x %.2f MiB "
       "state, "
-      "%d host spill places; state dir %s; auth %s; tls %s; metrics %s; OpenAI API %s",
+      "%d host spill places; state dir %s; session store %s; auth %s; tls %s; metrics %s; "
+      "OpenAI API %s",
       impl_->options.listen, impl_->port, impl_->model_line, impl_->checkpoint,
       impl_->options.device, impl_->options.dtype, s.device_slots,
       s.state_bytes_per_session / 1048576.0, s.host_capacity,
-      impl_->options.state_dir.empty() ? "(none)" : impl_->options.state_dir,
-      impl_->keys.enabled() ? "api keys" : "off", impl_->options.tls_cert.empty() ? "off" : "on",
+      impl_->options.state_dir.empty()
+          ? "(none)"
+          : absl::StrCat(impl_->options.state_dir,
+                         impl_->options.state_dir_write_through ? " (write-through)" : ""),
+      impl_->redis ? impl_->redis->Describe() : "(none)", impl_->keys.enabled() ? "api keys" : "off", impl_->options.tls_cert.empty() ? "off" : "on",
       impl_->metrics_port > 0 ? absl::StrCat("http://",
                                              impl_->options.metrics_listen.substr(
                                                  0, impl_->options.metrics_listen.rfind(':')),
@@ -189,6 +195,22 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   // Before the port is bound and the model loads: a state directory that cannot hold snapshots
   // would make every save fail later.
   if (!options.state_dir.empty()) RETURN_IF_ERROR(StateDirectory::Prepare(options.state_dir));
+  RedisStoreOptions rso;
+  if (!options.session_store.empty()) {
+    if (!options.state_dir.empty()) {
+      return absl::InvalidArgumentError(
+          "--session-store and --state-dir: give one (replicas share sessions through the store; "
+          "the state directory is a single server's)");
+    }
+    ASSIGN_OR_RETURN(rso.address, ParseRedisUrl(options.session_store));
+    if (!options.session_store_password.empty()) rso.address.password = options.session_store_password;
+    rso.prefix = options.session_store_prefix;
+    rso.lease_ttl = options.session_lease_ttl;
+    rso.lease_wait = options.session_lease_wait;
+    rso.timeout = options.session_store_timeout;
+    rso.writers = options.state_dir_writers;
+    rso.session_ttl = options.session_ttl;
+  }
   ServiceOptions so;
   so.checkpoint = impl->checkpoint;
   so.device = options.device;
@@ -299,17 +321,20 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
 
   if (!options.state_dir.empty()) {
     StateDirectoryOptions sdo;
-    sdo.shared = options.state_dir_shared;
+    sdo.shared = options.state_dir_write_through;
     sdo.writers = options.state_dir_writers;
     sdo.on_save = options.on_state_dir_save;
     ASSIGN_OR_RETURN(impl->state, StateDirectory::Open(options.state_dir, sdo, impl->engine.get()));
-    if (!options.state_dir_shared) {  // shared: each session is restored where it is next used
-      const int64_t n = impl->state->RestoreAll();
-      if (n > 0) spdlog::info("restored {} sessions from {}", n, options.state_dir);
-    }
+    const int64_t n = impl->state->RestoreAll();
+    if (n > 0) spdlog::info("restored {} sessions from {}", n, options.state_dir);
+  }
+  if (!options.session_store.empty()) {
+    rso.metrics = &impl->metrics;
+    ASSIGN_OR_RETURN(impl->redis, RedisStore::Open(rso, impl->engine.get()));
   }
 
-  impl->service->SetEngine(impl->engine.get(), impl->state.get());
+  impl->service->SetEngine(impl->engine.get(), impl->redis ? static_cast<SessionStore*>(impl->redis.get())
+                                                          : impl->state.get());
   if (impl->api != nullptr) {
     ASSIGN_OR_RETURN(ChatSetup chat, LoadChatSetup(impl->checkpoint, options.chat_template_file));
     impl->api->SetModel(&impl->engine->tokenizer(), std::move(chat.chat_template),
@@ -403,6 +428,14 @@ absl::Status Server::Drain(absl::Duration grace) {
       result = absl::DataLossError(line);
     }
     impl_->state->StopWriter();
+  }
+  if (impl_->redis) {
+    // Every finished turn was written through before its end was sent; what is left are the
+    // writes of the turns that ended during the drain.
+    impl_->redis->Flush();
+    impl_->redis->Stop();
+    spdlog::info("drain: every acknowledged turn is in the session store {}",
+                 impl_->redis->Describe());
   }
   health->Shutdown();
   if (impl_->http) {

@@ -13,10 +13,13 @@
 // bounds what a crash can lose to one interval plus one round's writes; files are written
 // atomically (server/state_dir.h).
 //
-// Replicas: several servers may share one state directory (`state_dir_shared`). A request for a
-// session this server does not hold restores it from the directory when a snapshot is there;
-// a deleted session's snapshot is removed; a server only ever removes snapshots of sessions it
-// held itself. With a shared directory nothing is restored eagerly at start.
+// Write-through (`state_dir_write_through`): every turn is also saved before its end is sent,
+// so a crash loses no acknowledged turn. A state directory belongs to one server at a time
+// (an exclusive lock on `<dir>/.lock`; a second server on it is refused at start).
+//
+// Replicas share sessions through Redis (`session_store`, server/redis_store.h): a turn holds
+// the session's lease, its snapshot is written through (fenced by the lease) before its end is
+// sent, and a session is restored where it is next used. Nothing is restored at start.
 //
 // Threading: Start/Drain/Wait from the owning thread; the server runs on gRPC's threads, the
 // engine thread, the service's control executor, the state directory's writers and one
@@ -49,9 +52,17 @@ struct ServerOptions {
   int64_t state_memory_bytes = 0;
   int64_t max_host_sessions = 1024;
   absl::Duration session_ttl = absl::Minutes(30);
-  std::string state_dir;          // empty = no persistence
-  bool state_dir_shared = false;  // other replicas use the same directory
-  int state_dir_writers = 2;      // threads saving sessions (write-through and queued saves)
+  std::string state_dir;                 // empty = no persistence
+  bool state_dir_write_through = false;  // save every turn before its end is sent
+  int state_dir_writers = 2;  // threads saving sessions (write-through and queued saves)
+  // Replicas: "redis://[[user]:password@]host[:port][/db]" (empty = none; excludes state_dir);
+  // the password, when given here, overrides the URL's.
+  std::string session_store;
+  std::string session_store_password;
+  std::string session_store_prefix = "retnet:";
+  absl::Duration session_lease_ttl = absl::Seconds(10);
+  absl::Duration session_lease_wait = absl::Seconds(3);
+  absl::Duration session_store_timeout = absl::Seconds(2);
   absl::Duration snapshot_interval = absl::Seconds(60);
   int64_t max_prompt_tokens = 32768;
   int64_t max_new_tokens = 4096;

@@ -6,6 +6,7 @@
 #include <optional>
 #include <vector>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
@@ -157,6 +158,8 @@ class GenerateReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> 
     auto generation = engine->Submit(std::move(turn.request), stream);
     if (!generation.ok()) {
       if (turn.created) (void)engine->DeleteSession(internal_id);
+      // Never started: the save (unchanged, or gone) gives the turn's claim back.
+      if (persist) persist([](absl::Status) {});
       stream->Fail(ToGrpc(generation.status()));
     } else {
       stream->SetGeneration(*generation);
@@ -261,7 +264,8 @@ class ChatReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc:
  public:
   using Prepare =
       std::function<absl::StatusOr<Turn>(const v1::GenerateRequest&, const std::string& session)>;
-  using PersistFor = std::function<TurnStream::Persist(const std::string& internal_id)>;
+  using PersistFor =
+      std::function<TurnStream::Persist(const std::string& internal_id, int64_t hold)>;
 
   ChatReactor(engine::Engine* engine, Executor* control, Prepare prepare, PersistFor persist_for,
               Metrics* metrics)
@@ -384,7 +388,12 @@ class ChatReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc:
     stream->SetTokenBytes(turn->token_bytes);
     stream->Attach([this] { Pump(); });
     const std::string internal_id = turn->request.session_id;
-    if (TurnStream::Persist persist = persist_for_(internal_id)) stream->SetPersist(persist);
+    TurnStream::Persist persist = persist_for_(internal_id, turn->hold);
+    if (persist) stream->SetPersist(persist);
+    // A turn that never starts still saves (unchanged, or gone) and so gives its claim back.
+    auto never_started = [&persist] {
+      if (persist) persist([](absl::Status) {});
+    };
     bool abandoned = false;
     {
       absl::MutexLock lock(&mu_);
@@ -402,10 +411,14 @@ class ChatReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc:
     }
     if (abandoned) {  // cancelled while the turn was prepared: it never starts
       if (turn->created) (void)engine_->DeleteSession(internal_id);
+      never_started();
       return;
     }
     auto generation = engine_->Submit(std::move(turn->request), stream);
-    if (!generation.ok() && turn->created) (void)engine_->DeleteSession(internal_id);
+    if (!generation.ok()) {
+      if (turn->created) (void)engine_->DeleteSession(internal_id);
+      never_started();
+    }
     absl::MutexLock lock(&mu_);
     if (!generation.ok()) {
       in_turn_ = false;
@@ -598,7 +611,7 @@ class ImportReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
     auto info = engine_->RestoreSession(data_, id);
     if (info.ok()) ToProto(*info, prefix_, &session_);
     if (info.ok() && store_ != nullptr && store_->write_through()) {
-      store_->Persist(id, [this](absl::Status saved) { End(saved); });
+      store_->Persist(id, [this](absl::Status saved) { End(saved); }, /*hold=*/0);
       return;  // `this` may be gone already
     }
     End(info.status());
@@ -668,7 +681,7 @@ void RetNetService::ReplySaved(UnaryReply<Response>* reply, const std::string& i
   }
   // A new session (fork, create) is in the shared directory before the caller hears of it: its
   // next call may reach another replica.
-  store_->Persist(id, [reply](absl::Status saved) { reply->Done(saved); });
+  store_->Persist(id, [reply](absl::Status saved) { reply->Done(saved); }, /*hold=*/0);
 }
 
 template <typename Request, typename Response>
@@ -688,11 +701,11 @@ bool RetNetService::Begin(grpc::CallbackServerContext* context, const Raw* in, R
   return true;
 }
 
-TurnStream::Persist RetNetService::PersistFor(const std::string& id) const {
+TurnStream::Persist RetNetService::PersistFor(const std::string& id, int64_t hold) const {
   if (store_ == nullptr || !store_->write_through()) return nullptr;
   SessionStore* store = store_;
-  return [store, id](std::function<void(absl::Status)> release) {
-    store->Persist(id, std::move(release));
+  return [store, id, hold](std::function<void(absl::Status)> release) {
+    store->Persist(id, std::move(release), hold);
   };
 }
 
@@ -746,15 +759,28 @@ absl::StatusOr<Turn> RetNetService::PrepareTurn(grpc::CallbackServerContext* con
   } else if (public_id.empty()) {
     public_id = RandomId();
     internal_id = prefix + public_id;
+    if (store_ != nullptr && store_->write_through()) {
+      ASSIGN_OR_RETURN(turn.hold, store_->Acquire(internal_id));
+    }
     info = engine_->CreateSession(internal_id);
     turn.created = true;
   } else {
-    info = FindSession(prefix + public_id);
+    if (store_ != nullptr) {
+      // The turn's claim on the session (with replicas: its lease), then the engine's copy.
+      ASSIGN_OR_RETURN(turn.hold, store_->Acquire(internal_id));
+      info = engine_->GetSession(internal_id);
+    } else {
+      info = engine_->GetSession(internal_id);
+    }
     if (absl::IsNotFound(info.status()) && request.create_session()) {
       info = engine_->CreateSession(prefix + public_id);
       turn.created = true;
     }
   }
+  // Every way out below but the turn's start gives the claim back.
+  absl::Cleanup release = [&] {
+    if (turn.hold != 0) store_->Release(internal_id, turn.hold);
+  };
   if (!info.ok()) return info.status();
   turn.public_id = public_id;
   turn.token_bytes = request.return_token_bytes();
@@ -797,6 +823,7 @@ absl::StatusOr<Turn> RetNetService::PrepareTurn(grpc::CallbackServerContext* con
   if (context->deadline() != std::chrono::system_clock::time_point::max()) {
     req.deadline = absl::FromChrono(context->deadline());
   }
+  std::move(release).Cancel();
   return turn;
 }
 
@@ -821,8 +848,11 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* RetNetService::Generate(
           return;
         }
         const std::string id = turn->request.session_id;
+        // A one-shot request's session is gone at its end; a named session deleted at the
+        // end still gives its claim back through the (then empty) save.
         const TurnStream::Persist persist =
-            turn->request.delete_session_at_end ? nullptr : PersistFor(id);
+            turn->request.delete_session_at_end && turn->hold == 0 ? nullptr
+                                                                   : PersistFor(id, turn->hold);
         reactor->Start(engine_, *std::move(turn), persist);
       });
   if (!queued.ok()) reactor->Fail(queued);
@@ -841,7 +871,8 @@ grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* RetNetService::Chat
       [this, context, prefix](const v1::GenerateRequest& turn, const std::string& session) {
         return PrepareTurn(context, prefix, turn, session, /*one_shot=*/false);
       },
-      [this](const std::string& id) { return PersistFor(id); }, options_.metrics);
+      [this](const std::string& id, int64_t hold) { return PersistFor(id, hold); },
+      options_.metrics);
 }
 
 grpc::ServerUnaryReactor* RetNetService::CreateSession(grpc::CallbackServerContext* context,

@@ -35,6 +35,7 @@ struct Turn {
   engine::GenerateRequest request;
   std::string public_id;  // empty for a one-shot request
   bool created = false;
+  int64_t hold = 0;  // SessionStore::Acquire's, released by the turn's Persist or Release
   bool token_bytes = false;  // GenerateRequest.return_token_bytes
 };
 
@@ -46,28 +47,45 @@ inline bool IsOneShotSession(const std::string& internal_id) {
   return internal_id.find(' ') != std::string::npos;
 }
 
-// Where sessions live outside the engine: the state directory, which replicas may share. The
-// service syncs a session with it before using it, tells it about deletions and, with write-
-// through, has each turn saved before the turn's end reaches the client. Implementations must be
-// thread-safe (called from gRPC's threads and the engine thread).
+// Where sessions live outside the engine: the single server's state directory
+// (server/state_dir.h) or the store replicas share (server/redis_store.h). The service syncs a
+// session with it before using it, tells it about deletions and, with write-through, has each
+// turn saved before the turn's end reaches the client. Implementations must be thread-safe
+// (called from gRPC's threads, the control executor and the engine thread).
 class SessionStore {
  public:
   virtual ~SessionStore() = default;
   // Makes the engine's copy of session `id` (internal, key-prefixed) current: restores it when
   // the engine does not hold it and a snapshot is stored; with a shared store, replaces or drops
   // the engine's copy when another replica has saved or deleted the session since. An error
-  // means a stored snapshot exists but cannot be restored (the session must not be re-created).
+  // means a stored snapshot exists but cannot be restored (the session must not be re-created),
+  // or the store cannot be reached (UNAVAILABLE).
   virtual absl::Status Sync(const std::string& id) = 0;
+  // Takes session `id` for one turn, then Sync()s it. A shared store grants it to one turn on
+  // one replica at a time (a lease), waiting a bounded time while another turn holds it
+  // (UNAVAILABLE after that). Returns a hold (0 when the store has no leases) that the turn's
+  // Persist() releases, or Release() when the turn never reaches its end. May block: call it on
+  // the control executor.
+  virtual absl::StatusOr<int64_t> Acquire(const std::string& id) {
+    absl::Status s = Sync(id);
+    if (!s.ok()) return s;
+    return 0;
+  }
+  // Gives up `hold` (from Acquire) of a turn that will not Persist. Returns at once.
+  virtual void Release(const std::string& id, int64_t hold) {}
   // The session was deleted: drop its stored snapshot, so that no replica revives it. True when
   // there was one.
   virtual bool Forget(const std::string& id) = 0;
-  // Whether every turn is saved before its end is sent (replicas sharing the store).
+  // Whether every turn is saved before its end is sent.
   virtual bool write_through() const = 0;
-  // Saves session `id` (off the calling thread), then calls `done` with the outcome. A failed
-  // save is an error for the caller (the turn or the new session is not durable): the store
-  // keeps the previous good file and puts the session back to the state that file holds (a
-  // session that had none is removed), so every replica agrees on what was acknowledged.
-  virtual void Persist(const std::string& id, std::function<void(absl::Status)> done) = 0;
+  // Saves session `id` (off the calling thread), then calls `done` with the outcome; `hold` is
+  // the turn's (from Acquire), released by the save, or 0 for a new session (create, fork,
+  // import). A failed save is an error for the caller (the turn or the new session is not
+  // durable): the store keeps the previous good snapshot and puts the session back to the state
+  // it holds (a session that had none is removed), so every replica agrees on what was
+  // acknowledged.
+  virtual void Persist(const std::string& id, std::function<void(absl::Status)> done,
+                       int64_t hold) = 0;
 };
 
 struct ServiceOptions {
@@ -170,8 +188,9 @@ class RetNetService final : public RawRetNetService {
   bool Begin(grpc::CallbackServerContext* context, const Raw* in, Request* request,
              UnaryReply<Response>* reply, std::string* caller) const;
 
-  // The write-through hook for a turn on session `id`; empty without write-through.
-  TurnStream::Persist PersistFor(const std::string& id) const;
+  // The write-through hook for a turn on session `id` holding `hold`; empty without
+  // write-through.
+  TurnStream::Persist PersistFor(const std::string& id, int64_t hold) const;
 
   // UNAVAILABLE while loading, then the caller's session-id prefix or UNAUTHENTICATED.
   absl::StatusOr<std::string> Admit(const grpc::ServerContextBase& context) const;

@@ -520,7 +520,8 @@ bool StateDirectory::Forget(const std::string& id) {
   return std::remove(Path(g.name()).c_str()) == 0;
 }
 
-void StateDirectory::Persist(const std::string& id, std::function<void(absl::Status)> done) {
+void StateDirectory::Persist(const std::string& id, std::function<void(absl::Status)> done,
+                             int64_t /*hold*/) {
   {
     absl::MutexLock lock(&queue_mu_);
     if (!stopping_) {

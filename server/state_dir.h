@@ -132,7 +132,8 @@ class StateDirectory final : public SessionStore {
   absl::Status Sync(const std::string& id) override;
   bool Forget(const std::string& id) override;
   bool write_through() const override { return shared_; }
-  void Persist(const std::string& id, std::function<void(absl::Status)> done) override;
+  void Persist(const std::string& id, std::function<void(absl::Status)> done,
+               int64_t hold = 0) override;
 
   const std::string& dir() const { return dir_; }
 

@@ -96,3 +96,82 @@ class ServerProcess:
         if self._log:
             self._log.close()
             self._log = None
+
+
+class RedisServer:
+    """Debian's redis-server on 127.0.0.1, its data in `dir` with AOF (appendfsync always, no RDB):
+    what the deploy files run. The port is a free one (redis cannot report a port 0 it bound), retried
+    when taken; restart() brings it back on the same port and data. `client()` is a redis-py client."""
+
+    def __init__(self, tmp, name="redis", binary="/usr/bin/redis-server", *extra):
+        self.dir = os.path.join(tmp, name)
+        os.makedirs(self.dir, exist_ok=True)
+        self.binary, self.extra, self.name = binary, list(extra), name
+        self.log = os.path.join(tmp, name + ".log")
+        self.port = 0
+        for _ in range(5):
+            self.port = _free_port()
+            if self._start():
+                break
+        else:
+            raise RuntimeError("redis-server: no free port after 5 attempts")
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def _start(self, timeout_s=10.0):
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
+             "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no",
+             "--logfile", self.log, "--maxmemory-policy", "noeviction", *self.extra],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout_s
+        import socket
+        while time.monotonic() < deadline:  # bounded
+            if self.proc.poll() is not None:
+                return False
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(64).startswith(b"+PONG"):
+                        return True
+            except OSError:
+                pass
+            time.sleep(0.01)
+        self.proc.kill()
+        self.proc.wait()
+        return False
+
+    def client(self):
+        import redis
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=10)
+
+    def kill(self):
+        """SIGKILL: no shutdown save; only what the AOF holds survives."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def restart(self):
+        self.kill()
+        for _ in range(50):  # bounded: the port may take a moment to be free again
+            if self._start():
+                return
+            time.sleep(0.1)
+        raise RuntimeError("redis-server did not come back on its port")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _free_port():
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port

@@ -416,7 +416,7 @@ TEST(StateDirWritersTest, OneSessionInOrderOtherSessionsInParallel) {
   absl::Notification x_first_begun, x_three_queued, y_begun;
   ServerOptions o = LocalOptions();
   o.state_dir = TempDir("writers");
-  o.state_dir_shared = true;
+  o.state_dir_write_through = true;
   o.state_dir_writers = 2;
   o.on_state_dir_save = [&](const std::string& id, int64_t seq, SaveEvent event) {
     bool hold = false;
