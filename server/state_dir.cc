@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <spdlog/spdlog.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -215,9 +216,24 @@ absl::StatusOr<std::unique_ptr<StateDirectory>> StateDirectory::Open(std::string
                                                                      engine::Engine* engine) {
   absl::Status ready = Prepare(dir);
   if (!ready.ok()) return ready;
+  // One server per directory: two would each overwrite the other's turns.
+  const int lock_fd = ::open((dir + "/.lock").c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (lock_fd < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--state-dir ", dir, ": cannot open .lock: ", std::strerror(errno)));
+  }
+  if (::flock(lock_fd, LOCK_EX | LOCK_NB) != 0) {
+    ::close(lock_fd);
+    return absl::FailedPreconditionError(absl::StrCat(
+        "--state-dir ", dir,
+        ": in use by another retnet-server (a state directory is one server's; replicas share "
+        "sessions through --session-store)"));
+  }
   RemoveStaleTemporaries(dir);
-  return std::unique_ptr<StateDirectory>(
+  auto opened = std::unique_ptr<StateDirectory>(
       new StateDirectory(std::move(dir), std::move(options), engine));
+  opened->lock_fd_ = lock_fd;
+  return opened;
 }
 
 // Holds one session's lock; see the header. The analysis cannot name a lock looked up at run
@@ -267,7 +283,10 @@ StateDirectory::StateDirectory(std::string dir, StateDirectoryOptions options,
   for (int i = 0; i < n; ++i) writers_.emplace_back([this] { WriterLoop(); });
 }
 
-StateDirectory::~StateDirectory() { StopWriter(); }
+StateDirectory::~StateDirectory() {
+  StopWriter();
+  if (lock_fd_ >= 0) ::close(lock_fd_);  // releases the directory's lock
+}
 
 void StateDirectory::StopWriter() {
   absl::MutexLock stop(&stop_mu_);

@@ -19,7 +19,8 @@
 // and periodically. A failed periodic or drain write leaves the session as it is in memory and
 // still different from its file, so the next round retries it; SaveAll counts the failures.
 //
-// Shared by replicas (shared = true):
+// Write-through (shared = true; --state-dir-write-through), the mode that replicas once shared
+// a directory in (now they share --session-store, server/redis_store.h):
 //  - a session is restored where it is next used (Sync), not at start;
 //  - every turn is saved before its end is sent (write-through, on a writer thread), so the
 //    file is always the session's latest acknowledged state when a gateway moves it;
@@ -35,8 +36,8 @@
 //  - the periodic round saves only sessions that differ from their last save (never saved, or a
 //    rollback that could not happen), never over a file another replica wrote since, and
 //    removes files of sessions it held that are gone, unless another replica wrote them since.
-// One session must be served by one replica at a time; the directory does not arbitrate two
-// replicas continuing the same session at once.
+// A directory belongs to one server: Open() takes an exclusive flock() on `<dir>/.lock` and a
+// second server on it is refused (FAILED_PRECONDITION).
 //
 // Temporary files. Their names carry the writer's node (a hash of the kernel's boot id and the
 // writer's pid namespace, so that a pid means the same process) and pid. Open() removes those
@@ -223,6 +224,7 @@ class StateDirectory final : public SessionStore {
   int64_t queued_total_ ABSL_GUARDED_BY(queue_mu_) = 0;
   std::vector<std::thread> writers_;
   absl::Mutex stop_mu_;  // serializes StopWriter() callers
+  int lock_fd_ = -1;     // <dir>/.lock, flock()ed while this object lives
 };
 
 // Session ids may hold '/' (key tags): file names use hex.

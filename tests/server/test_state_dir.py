@@ -3,7 +3,7 @@
 usage: test_state_dir.py --server build/bin/retnet-server --stubs build/python
 
 Checks (each fails if the feature it names is broken):
-1. disk full with --state-dir-shared (RLIMIT_FSIZE on the server, SIGXFSZ ignored, so write()
+1. disk full with --state-dir-write-through (RLIMIT_FSIZE on the server, SIGXFSZ ignored, so write()
    returns EFBIG): the turn whose write-through fails ends with UNAVAILABLE naming the save; the
    previous snapshot file is still there, byte-identical, and no temporary file is left; the
    session is rolled back on that replica; after a SIGKILL another replica restores the last
@@ -171,7 +171,7 @@ def test_disk_full_shared(a, tmp):
     d = os.path.join(tmp, "shared")
     path = os.path.join(d, snap_name("s"))
     # The size of the first turn's snapshot, from a server without a limit.
-    s0 = Server(args.server, tmp, "full-0", d, "--state-dir-shared", "--snapshot-interval-s", "3600")
+    s0 = Server(args.server, tmp, "full-0", d, "--state-dir-write-through", "--snapshot-interval-s", "3600")
     api = Api(grpc, pb, pb_grpc, s0.target)
     _, final, code, _ = api.generate("s", "In the beginning", 5)
     check(final is not None and code is None, "disk full: first turn on an unlimited server")
@@ -183,7 +183,7 @@ def test_disk_full_shared(a, tmp):
         return
     # 8 bytes per token of history: a short turn still fits, a 100-token one does not.
     limit = len(first) + 8 * 40
-    sa = Server(args.server, tmp, "full-a", d, "--state-dir-shared", "--snapshot-interval-s", "3600",
+    sa = Server(args.server, tmp, "full-a", d, "--state-dir-write-through", "--snapshot-interval-s", "3600",
                 fsize=limit)
     api = Api(grpc, pb, pb_grpc, sa.target)
     try:
@@ -211,7 +211,7 @@ def test_disk_full_shared(a, tmp):
         sa.kill()  # no drain: only what was acknowledged (write-through) is on disk
         sa.close()
     check(read(path) == good, "disk full: after SIGKILL the file is the last acknowledged state")
-    sb = Server(args.server, tmp, "full-b", d, "--state-dir-shared", "--snapshot-interval-s", "3600")
+    sb = Server(args.server, tmp, "full-b", d, "--state-dir-write-through", "--snapshot-interval-s", "3600")
     api = Api(grpc, pb, pb_grpc, sb.target)
     try:
         info, code = api.session("s")
@@ -279,7 +279,7 @@ def test_writers(a, tmp):
           f"--state-dir-writers 0: exit status 1 naming the flag ({bad.proc.returncode}: {errors})")
     bad.close()
 
-    s = Server(args.server, tmp, "writers-a", d, "--state-dir-shared", "--state-dir-writers", "4",
+    s = Server(args.server, tmp, "writers-a", d, "--state-dir-write-through", "--state-dir-writers", "4",
                "--snapshot-interval-s", "3600")
     api = Api(grpc, pb, pb_grpc, s.target)
     names = [f"w{i}" for i in range(8)]
@@ -318,7 +318,7 @@ def test_writers(a, tmp):
     api.close()
     s.kill()  # no drain: what is on disk was written through
     s.close()
-    sb = Server(args.server, tmp, "writers-b", d, "--state-dir-shared", "--snapshot-interval-s", "3600")
+    sb = Server(args.server, tmp, "writers-b", d, "--state-dir-write-through", "--snapshot-interval-s", "3600")
     api = Api(grpc, pb, pb_grpc, sb.target)
     try:
         restored = {}
@@ -438,10 +438,10 @@ def test_temporaries(a, tmp):
         open(os.path.join(d, name), "w").write("partial")
     old = time.time() - 7200
     os.utime(os.path.join(d, files["other node, two hours old"]), (old, old))
-    s = Server(args.server, tmp, "temps", d, "--state-dir-shared", "--snapshot-interval-s", "3600")
+    s = Server(args.server, tmp, "temps", d, "--state-dir-write-through", "--snapshot-interval-s", "3600")
     left = set(temporaries(d))
     check(files["dead"] not in left, "temporaries: a dead writer's temporary file is removed at start")
-    check(files["live"] in left, "temporaries: a live process's temporary file is kept (shared mode)")
+    check(files["live"] in left, "temporaries: a live process's temporary file is kept (write-through mode)")
     check(files["other node, fresh"] in left, "temporaries: another node's fresh temporary file is kept")
     check(files["other node, two hours old"] not in left,
           "temporaries: another node's hour-old temporary file is removed")
