@@ -111,8 +111,8 @@ end
 return had
 )lua";
 
-constexpr const char* kLua[kScripts] = {kAcquireLua, kRenewLua,   kWriteLua, kReleaseLua,
-                                        kVersionLua, kReadLua,    kForgetLua};
+constexpr const char* kLua[kScripts] = {kAcquireLua, kRenewLua, kWriteLua, kReleaseLua,
+                                        kVersionLua, kReadLua,  kForgetLua};
 constexpr int64_t kTombstoneMs = int64_t{24} * 3600 * 1000;
 
 std::string Hex(const std::string& s) {
@@ -261,8 +261,9 @@ absl::StatusOr<RedisAddress> ParseRedisUrl(const std::string& url) {
         "--session-store: ", why, " (want redis://[[user]:password@]host[:port][/db])"));
   };
   if (absl::StartsWith(url, "rediss://")) {
-    return bad("rediss:// (TLS) is not supported: this build's hiredis (0.14) has no TLS; reach "
-               "Redis over a private network or a TLS tunnel");
+    return bad(
+        "rediss:// (TLS) is not supported: this build's hiredis (0.14) has no TLS; reach "
+        "Redis over a private network or a TLS tunnel");
   }
   if (!absl::StartsWith(url, "redis://")) return bad("not a redis:// URL");
   std::string rest = url.substr(8);
@@ -320,7 +321,7 @@ RedisStore::RedisStore(RedisStoreOptions options, engine::Engine* engine)
 }
 
 absl::StatusOr<std::unique_ptr<RedisStore>> RedisStore::Open(RedisStoreOptions options,
-                                                            engine::Engine* engine) {
+                                                             engine::Engine* engine) {
   if (options.lease_ttl < absl::Milliseconds(100)) {
     return absl::InvalidArgumentError("--session-lease-ttl-ms: at least 100");
   }
@@ -333,9 +334,8 @@ absl::StatusOr<std::unique_ptr<RedisStore>> RedisStore::Open(RedisStoreOptions o
   auto first = Connection::Open(options.address, options.timeout);
   if (!first.ok()) {
     if (!absl::IsUnavailable(first.status())) {
-      return absl::InvalidArgumentError(absl::StrCat("--session-store ",
-                                                     options.address.Describe(), ": ",
-                                                     first.status().message()));
+      return absl::InvalidArgumentError(absl::StrCat("--session-store ", options.address.Describe(),
+                                                     ": ", first.status().message()));
     }
     spdlog::warn("session store {} unreachable for now ({}); calls answer UNAVAILABLE until it is",
                  options.address.Describe(), std::string(first.status().message()));
@@ -358,10 +358,12 @@ absl::Mutex& RedisStore::Stripe(const std::string& id) {
   return stripes_[common::Fnv1a(id) % stripes_.size()];
 }
 
-std::unique_ptr<RedisStore::Connection> RedisStore::Take(absl::Status* error) {
-  {
+std::unique_ptr<RedisStore::Connection> RedisStore::Take(absl::Status* error, bool* pooled) {
+  if (pooled != nullptr) *pooled = false;
+  if (pooled != nullptr) {
     absl::MutexLock lock(&pool_mu_);
     if (!idle_.empty()) {
+      *pooled = true;
       auto c = std::move(idle_.back());
       idle_.pop_back();
       return c;
@@ -382,15 +384,23 @@ void RedisStore::Give(std::unique_ptr<Connection> c) {
 }
 
 absl::StatusOr<RedisStore::Reply> RedisStore::Eval(int script, const std::string& id,
-                                                   std::vector<std::string> args,
-                                                   const char* op) {
+                                                   std::vector<std::string> args, const char* op) {
   const absl::Time start = absl::Now();
   absl::Status error;
-  std::unique_ptr<Connection> c = Take(&error);
+  bool pooled = false;
+  std::unique_ptr<Connection> c = Take(&error, &pooled);
   absl::StatusOr<Reply> r =
       c == nullptr ? absl::StatusOr<Reply>(error)
-                   : c->Eval(script, {Key(id, "lease"), Key(id, "meta"), Key(id, "snap")},
-                             std::move(args));
+                   : c->Eval(script, {Key(id, "lease"), Key(id, "meta"), Key(id, "snap")}, args);
+  if (!r.ok() && pooled) {
+    // An idle connection that Redis closed (a restart, a failover, its idle timeout): once more
+    // on a fresh one. Every script is safe to repeat: a write that did land the first time
+    // released its lease, so its repeat is refused (LOST) and the turn fails, never doubles.
+    c = Take(&error, nullptr);
+    r = c == nullptr ? absl::StatusOr<Reply>(error)
+                     : c->Eval(script, {Key(id, "lease"), Key(id, "meta"), Key(id, "snap")},
+                               std::move(args));
+  }
   Give(std::move(c));
   const bool failed = !r.ok() || (r->is_error() && !absl::StartsWith(r->error(), "RETNET"));
   if (metrics_ != nullptr) {
@@ -398,8 +408,8 @@ absl::StatusOr<RedisStore::Reply> RedisStore::Eval(int script, const std::string
     if (failed) metrics_->CountStoreError(op);
   }
   if (!r.ok()) {
-    return absl::UnavailableError(absl::StrCat("session store ", Describe(), ": ",
-                                               r.status().message()));
+    return absl::UnavailableError(
+        absl::StrCat("session store ", Describe(), ": ", r.status().message()));
   }
   if (failed) {  // OOM (maxmemory), READONLY (a replica), NOAUTH, ...
     return absl::UnavailableError(absl::StrCat("session store ", Describe(), ": ", r->error()));
@@ -451,9 +461,9 @@ absl::Status RedisStore::Align(const std::string& id, int64_t version, bool has)
     const absl::StatusCode code = absl::IsResourceExhausted(restored.status())
                                       ? absl::StatusCode::kResourceExhausted
                                       : absl::StatusCode::kDataLoss;
-    return absl::Status(code, absl::StrCat("session_id: the stored snapshot cannot be restored (",
-                                           restored.status().message(),
-                                           "); delete the session to start it over"));
+    return absl::Status(
+        code, absl::StrCat("session_id: the stored snapshot cannot be restored (",
+                           restored.status().message(), "); delete the session to start it over"));
   }
   absl::MutexLock lock(&mu_);
   Entry& e = entries_[id];
@@ -471,14 +481,14 @@ absl::StatusOr<int64_t> RedisStore::Acquire(const std::string& id) {
       RedisStore* self;
       const std::string* id;
     } arg{this, &id};
-    const bool free = mu_.AwaitWithDeadline(
-        absl::Condition(
-            +[](Arg* a) ABSL_NO_THREAD_SAFETY_ANALYSIS {
-              auto it = a->self->entries_.find(*a->id);
-              return it == a->self->entries_.end() || it->second.hold == 0;
-            },
-            &arg),
-        deadline);
+    const bool free =
+        mu_.AwaitWithDeadline(absl::Condition(
+                                  +[](Arg* a) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+                                    auto it = a->self->entries_.find(*a->id);
+                                    return it == a->self->entries_.end() || it->second.hold == 0;
+                                  },
+                                  &arg),
+                              deadline);
     if (!free) {
       if (metrics_ != nullptr) metrics_->CountLeaseRefused();
       return absl::UnavailableError(
@@ -513,8 +523,8 @@ absl::StatusOr<int64_t> RedisStore::Acquire(const std::string& id) {
     const absl::Time now = absl::Now();
     if (now >= deadline) {
       if (metrics_ != nullptr) metrics_->CountLeaseRefused();
-      spdlog::debug("session {}: lease held by {} ({} ms left); turn refused", Hex(id),
-                    r->Str(1), r->Int(2));
+      spdlog::debug("session {}: lease held by {} ({} ms left); turn refused", Hex(id), r->Str(1),
+                    r->Int(2));
       return give_up(absl::UnavailableError(absl::StrCat(
           "session_id: the session is in a turn on another replica (its lease ends within ",
           std::max<int64_t>(0, r->Int(2)), " ms); retry")));
@@ -643,9 +653,9 @@ absl::Status RedisStore::Write(const Job& job) {
     release();
     spdlog::error("session store: writing {} failed (its last stored state stays): {}", Hex(id),
                   std::string(r.status().message()));
-    return absl::UnavailableError(
-        absl::StrCat("not saved to the session store (", r.status().message(),
-                     "); the session is back at its last saved state"));
+    return absl::UnavailableError(absl::StrCat("not saved to the session store (",
+                                               r.status().message(),
+                                               "); the session is back at its last saved state"));
   }
   const std::string why = r->error();
   if (absl::StartsWith(why, "RETNET LOST")) {
@@ -658,8 +668,7 @@ absl::Status RedisStore::Write(const Job& job) {
         "saved; the session continues from its last saved turn");
   }
   if (absl::StartsWith(why, "RETNET BUSY")) {
-    return absl::UnavailableError(
-        "session_id: the session is in a turn on another replica; retry");
+    return absl::UnavailableError("session_id: the session is in a turn on another replica; retry");
   }
   return absl::AlreadyExistsError("session_id: a session with this id exists");
 }
@@ -692,8 +701,8 @@ void RedisStore::WriterLoop() {
       if (token != 0) {
         auto r = Eval(kRelease, job.id, {owner_, std::to_string(token)}, "release");
         if (!r.ok()) {
-          spdlog::warn("session store: releasing {}: {} (the lease expires by itself)",
-                       Hex(job.id), std::string(r.status().message()));
+          spdlog::warn("session store: releasing {}: {} (the lease expires by itself)", Hex(job.id),
+                       std::string(r.status().message()));
         }
       }
     }
@@ -743,7 +752,7 @@ void RedisStore::RenewLoop() {
     absl::MutexLock lock(&mu_);
     for (auto it = entries_.begin(); it != entries_.end();) {
       it = it->second.hold == 0 && present.count(it->first) == 0 ? entries_.erase(it)
-                                                                  : std::next(it);
+                                                                 : std::next(it);
     }
   }
 }

@@ -142,7 +142,8 @@ class RedisStore final : public SessionStore {
   // Runs a script (EVALSHA, loading it when Redis does not know it) on a pooled connection.
   absl::StatusOr<Reply> Eval(int script, const std::string& id, std::vector<std::string> args,
                              const char* op);
-  std::unique_ptr<Connection> Take(absl::Status* error);
+  // An idle pooled connection (*pooled = true) or a new one; pooled == nullptr: always new.
+  std::unique_ptr<Connection> Take(absl::Status* error, bool* pooled);
   void Give(std::unique_ptr<Connection> c);
   std::string Key(const std::string& id, const char* what) const;
 

@@ -33,12 +33,13 @@ def finish() -> int:
 
 
 class ServerProcess:
-    """One retnet-server on 127.0.0.1:0 (metrics off; the OpenAI HTTP API off unless `http`, then
+    """One retnet-server on `listen` (default 127.0.0.1:0; a port it had, to restart a replica
+    behind a gateway in place) (metrics off; the OpenAI HTTP API off unless `http`, then
     on 127.0.0.1:0 with its port in `http_port`). `log`: a file path for its stdout and stderr
     (default: inherited); `preexec_fn`: run in the child before exec (resource limits)."""
 
     def __init__(self, binary, tmp, name="server", *extra, log=None, preexec_fn=None,
-                 load_timeout_s=30.0, http=False):
+                 load_timeout_s=30.0, http=False, listen="127.0.0.1:0"):
         self.name = name
         self.port_file = os.path.join(tmp, name + ".port")
         self.http_port_file = os.path.join(tmp, name + ".http-port")
@@ -50,7 +51,7 @@ class ServerProcess:
         self.log_path = log
         self._log = open(log, "ab") if log else None
         self.proc = subprocess.Popen(
-            [binary, "--listen", "127.0.0.1:0", "--metrics-listen", "", "--port-file", self.port_file,
+            [binary, "--listen", listen, "--metrics-listen", "", "--port-file", self.port_file,
              *http_args, *extra], stdout=self._log, stderr=subprocess.STDOUT if self._log else None,
             preexec_fn=preexec_fn)
         deadline = time.monotonic() + load_timeout_s

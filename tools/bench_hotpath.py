@@ -10,7 +10,7 @@
 (b) tokens/s received over gRPC (retnet-client bench, 8-token prompts, 256-token outputs) at 1
     and 8 streams against the model step's tokens/s at the same batch (server's path).
 (c) inter-token latency p99 of 4 decoding streams on a state-heavy checkpoint (8 MiB of state
-    per session, --state-dir --state-dir-shared) quiet, and while a paced control client
+    per session, --state-dir --state-dir-write-through) quiet, and while a paced control client
     creates, exports, forks and deletes sessions 4 times a second.
 Prints Markdown tables and a summary of the targets; raw results in OUT/results.json.
 """
@@ -368,7 +368,7 @@ def part_c(args, env, ckpt):
     state_dir = os.path.join(tmp, "state")
     os.makedirs(state_dir)
     server = harness.ServerProcess(args.server, tmp, "c", "--checkpoint", ckpt,
-                                   "--state-dir", state_dir, "--state-dir-shared",
+                                   "--state-dir", state_dir, "--state-dir-write-through",
                                    "--max-sessions", "32",
                                    log=os.path.join(args.out, "server_c.log"))
     out_tokens, streams = args.c_output_tokens, 4
@@ -393,7 +393,7 @@ def part_c(args, env, ckpt):
     print(f"Checkpoint: random fla, {c['layers']} layers, hidden {c['d']}, {c['heads']} heads, "
           f"key_dim {c['d']}, value_dim {2 * c['d']}, vocab {c['vocab']} -> "
           f"{c['layers'] * c['d'] * (2 * c['d'] // c['heads']) * 4 / 1048576:.0f} MiB fp32 state "
-          f"per session. retnet-server --state-dir DIR --state-dir-shared (write-through), "
+          f"per session. retnet-server --state-dir DIR --state-dir-write-through, "
           f"{streams} decoding streams (retnet-client bench, closed loop, 8-token prompts, "
           f"{out_tokens}-token outputs). Control client (Python, grpcio, paced at "
           f"{args.control_rate:g}/s): CreateSession, ExportSession (streamed snapshot, "

@@ -1,4 +1,5 @@
-"""Two retnet-server replicas behind a real nginx gateway, all on 127.0.0.1 with free ports.
+"""Two retnet-server replicas behind a real nginx gateway, sharing sessions through a real
+redis-server (--session-store), all on 127.0.0.1 with free ports.
 
 usage: test_replicas.py --server BIN --client BIN --stubs build/python --template deploy/nginx/retnet.conf.template
 
@@ -8,11 +9,14 @@ The gateway is rendered from the same template the compose file and Kubernetes u
 - a bounded multi-turn load through the gateway completes without errors;
 - SIGTERM one replica while one of its sessions is generating: that generation completes, and
   every conversation it held continues on the other replica with exactly the tokens it would have
-  produced (measured beforehand on forks made on the replica itself).
+  produced (measured beforehand on forks made on the replica itself);
+- sessions move back and forth between replicas by hand, each continuing from the latest turn;
+- conversations through the gateway across a rolling restart of both replicas (each SIGTERMed
+  and started again on its address): no errors beyond retried UNAVAILABLEs, and no lost turn
+  (every conversation's position and next turn equal a replay of its acknowledged turns).
 """
 
 import argparse
-import csv
 import json
 import os
 import shutil
@@ -21,10 +25,11 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from harness import FAILURES, ServerProcess, check  # noqa: E402
+from harness import FAILURES, RedisServer, ServerProcess, check  # noqa: E402
 
 
 def free_port():
@@ -35,10 +40,9 @@ def free_port():
     return port
 
 
-def Replica(binary, tmp, name, state_dir):
-    return ServerProcess(binary, tmp, name, "--state-dir", state_dir, "--state-dir-shared",
-                         "--snapshot-interval-s", "3600", "--drain-grace-s", "60", "--log-level", "info",
-                         log=os.path.join(tmp, name + ".log"))
+def Replica(binary, tmp, name, store, listen="127.0.0.1:0"):
+    return ServerProcess(binary, tmp, name, "--session-store", store, "--drain-grace-s", "60",
+                         "--log-level", "info", log=os.path.join(tmp, name + ".log"), listen=listen)
 
 
 class Gateway:
@@ -103,7 +107,8 @@ def main():
     from retnet_client import Client
 
     tmp = tempfile.mkdtemp(prefix="retnet-replicas-")
-    state = os.path.join(tmp, "state")
+    redis = RedisServer(tmp)
+    state = redis.url
     replicas = [Replica(args.server, tmp, f"replica{i}", state) for i in range(2)]
     gw = None
     try:
@@ -212,10 +217,11 @@ def main():
             revived = True
         except grpc.RpcError as e:
             revived = e.code() != grpc.StatusCode.NOT_FOUND
-        check(not revived and gone.encode().hex() + ".snap" not in os.listdir(state),
-              "a deleted session's snapshot is removed from the shared directory")
+        snaps = [k for k in redis.client().scan_iter(match="*:snap", count=1000)
+                 if k.decode().endswith(gone.encode().hex() + "}:snap")]
+        check(not revived and not snaps, "a deleted session's snapshot is removed from the store")
 
-        # 6. Hand-back: the drained replica comes back (same shared directory) and sessions move
+        # 6. Hand-back: the drained replica comes back (same store) and sessions move
         #    between the two by hand. Each turn is saved before its end is sent (write-through),
         #    and a replica whose copy another replica has superseded replaces it.
         replicas[victim].stop()
@@ -242,43 +248,110 @@ def main():
             dropped = e.code() == grpc.StatusCode.NOT_FOUND
         check(dropped, "a session deleted on one replica is gone on the other too")
 
-        # 7. Load through the gateway while a replica is stopped: its sessions move mid-load, calls
-        #    refused while it drains are retried, and nothing fails.
-        # (a fresh gateway over both live replicas: the old one has the stopped replica's address)
+        # 7. A rolling restart of both replicas under load: conversations through the gateway
+        #    while each replica in turn is SIGTERMed and started again on its address. The next
+        #    one is restarted once the gateway sends sessions to the restarted one again (as a
+        #    Deployment waits for readiness); in between, every session lives on one replica.
         gw.stop()
         gw = Gateway(args.nginx, args.template, tmp, [r.target for r in replicas])
-        csv_path = os.path.join(tmp, "drain-load.csv")
-        t0 = time.monotonic()
-        load = subprocess.Popen([args.client, "--target", gw.target, "--retries", "4", "bench", "-c", "4",
-                                 "--duration", "5", "--turns", "3", "--prompt-tokens", "8:24", "--output-tokens",
-                                 "16", "--json", "-", "--csv", csv_path], stdout=subprocess.PIPE, text=True)
-        started = False
-        for _ in range(1000):  # bounded: until the load has sessions on the replica to stop
-            if any(x.session_id.startswith("bench-") for x in back.list_sessions()):
-                started = True
-                break
-            time.sleep(0.01)
-        t_sig = time.monotonic() - t0
-        replicas[victim].proc.send_signal(signal.SIGTERM)
-        replicas[victim].proc.wait(timeout=90)
-        out, _ = load.communicate(timeout=300)
-        rep = json.loads(out) if load.returncode == 0 else {}
-        rows = list(csv.DictReader(open(csv_path))) if os.path.exists(csv_path) else []
-        later = [r for r in rows if float(r["start_s"]) > t_sig + 0.5]
-        check(started and rep.get("errors") == {} and rep["requests"]["completed"] == rep["requests"]["sent"],
-              f"load through the gateway across a replica's SIGTERM: no errors ({rep.get('errors')}, "
-              f"{rep.get('requests')})")
-        check(len(later) > 0 and all(r["status"] == "OK" for r in later),
-              f"requests after the SIGTERM completed on the other replica ({len(later)})")
-        back.close()
         via.close()
+        via = Client(gw.target)
         for c in direct:
             c.close()
+        direct = [Client(r.target) for r in replicas]
+        convs, sides = {}, [0, 0]
+        for i in range(64):  # bounded: names until each replica holds 4 conversations
+            if min(sides) >= 4:
+                break
+            sid = f"roll-{i}"
+            res = greedy(via, " turn 0", sid, 8)
+            side = 0 if sid in {x.session_id for x in direct[0].list_sessions()} else 1
+            if sides[side] >= 4:
+                via.delete_session(sid)
+                continue
+            sides[side] += 1
+            convs[sid] = {"convo": list(b" turn 0") + res.tokens, "turns": 1, "errors": []}
+        check(sides == [4, 4], f"4 conversations on each replica before the rolling restart ({sides})")
+        stop = threading.Event()
+
+        def talk(sid, rec):
+            c = Client(gw.target, retries=4)
+            try:
+                for k in range(1, 1200):  # bounded (the replay's prompt stays under --max-prompt-tokens)
+                    if stop.wait(0.005):  # paced: a steady load, not a spin
+                        break
+                    prompt = f" turn {k}"
+                    try:
+                        res = greedy(c, prompt, sid, 8)
+                    except grpc.RpcError as e:
+                        rec["errors"].append(f"{e.code()}: {e.details()}")
+                        break
+                    rec["convo"] += list(prompt.encode()) + res.tokens
+                    rec["turns"] += 1
+            finally:
+                c.close()
+
+        def turns():
+            return sum(rec["turns"] for rec in convs.values())
+
+        def wait_for(cond, limit_s=60):
+            t_end = time.monotonic() + limit_s
+            while time.monotonic() < t_end:  # bounded
+                if cond():
+                    return True
+                time.sleep(0.01)
+            return False
+
+        talkers = [threading.Thread(target=talk, args=(sid, rec)) for sid, rec in convs.items()]
+        for t in talkers:
+            t.start()
+        rolled = True
+        try:
+            n = turns()
+            rolled &= wait_for(lambda: turns() >= n + 16)
+            for idx in range(2):
+                addr = replicas[idx].target
+                replicas[idx].proc.send_signal(signal.SIGTERM)
+                replicas[idx].proc.wait(timeout=90)
+                rolled &= replicas[idx].proc.returncode == 0
+                n = turns()
+                rolled &= wait_for(lambda: turns() >= n + 8)  # the other replica serves them all
+                replicas[idx] = Replica(args.server, tmp, f"replica{idx}-rolled", state, listen=addr)
+                fresh = Client(replicas[idx].target)
+                # back in the gateway: nginx retries a failed upstream after its fail_timeout (10 s)
+                rolled &= wait_for(lambda: any(x.session_id.startswith("roll-") for x in fresh.list_sessions()))
+                fresh.close()
+                n = turns()
+                rolled &= wait_for(lambda: turns() >= n + 16)
+        finally:
+            stop.set()
+            for t in talkers:
+                t.join(timeout=120)
+        errors = [e for rec in convs.values() for e in rec["errors"]]
+        check(rolled and not errors, f"{turns()} turns through the gateway across a rolling restart of both "
+              f"replicas: no errors ({errors[:3]})")
+        for c in direct:
+            c.close()
+        direct = [Client(r.target) for r in replicas]
+        lost = []
+        for sid, rec in convs.items():
+            if via.session(sid).position != len(rec["convo"]):
+                lost.append(f"{sid}: position")
+            nxt = greedy(via, " Selah", sid, 8).tokens
+            if nxt != greedy(direct[0], rec["convo"] + list(b" Selah"), "", 8).tokens:
+                lost.append(f"{sid}: next turn")
+        check(not lost, f"no lost turn: every conversation's position and next turn equal a replay of its "
+              f"acknowledged turns ({lost[:4]})")
+        for c in direct:
+            c.close()
+        back.close()
+        via.close()
     finally:
         if gw is not None:
             gw.stop()
         for r in replicas:
             r.stop()
+        redis.kill()
         if FAILURES or sys.exc_info()[0] is not None:
             if gw is not None:
                 print("--- nginx error.log ---\n" + open(os.path.join(gw.prefix, "logs/error.log")).read()[-4000:])

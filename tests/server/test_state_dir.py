@@ -258,6 +258,23 @@ def test_bad_state_dirs(a, tmp):
     fresh = os.path.join(base, "new", "nested")
     s = Server(args.server, tmp, "bad-fresh", fresh)
     check(os.path.isdir(fresh), "--state-dir missing but creatable: created, the server starts")
+    # A state directory is one server's: a second one on it is refused while the first runs.
+    second = Server(args.server, tmp, "bad-second", fresh, wait=False)
+    wait_until(lambda: second.proc.poll() is not None or os.path.exists(second.port_file), 60)
+    if second.proc.poll() is None:
+        second.kill()
+    errors = [line for line in second.text().splitlines() if "[error]" in line]
+    check(second.proc.returncode == 1 and len(errors) == 1 and "in use by another retnet-server" in errors[0],
+          f"a second server on a state directory in use: exit status 1 with one error line "
+          f"({second.proc.returncode}: {errors})")
+    second.close()
+    shared = Server(args.server, tmp, "bad-shared", os.path.join(base, "other"), "--state-dir-shared", wait=False)
+    wait_until(lambda: shared.proc.poll() is not None or os.path.exists(shared.port_file), 60)
+    if shared.proc.poll() is None:
+        shared.kill()
+    check(shared.proc.returncode == 2 and "--session-store" in shared.text(),
+          f"--state-dir-shared (removed) is refused, pointing to --session-store ({shared.proc.returncode})")
+    shared.close()
     check(s.terminate() == 0, "--state-dir missing but creatable: drains cleanly")
     s.close()
 

@@ -1,0 +1,127 @@
+#!/usr/bin/python3
+"""Write-through cost per turn (issue 15): what saving every turn before its end costs.
+
+    scripts/bench-session-store.sh [--turns N] [--out DIR] [--cache DIR]
+
+For the built-in model and a random fla checkpoint with 8 MiB of state per session
+(bench_hotpath.py's CONFIG_HEAVY), one server at a time, each mode side by side:
+  memory         no store (sessions only in the server's memory): the baseline;
+  state-dir      --state-dir DIR --state-dir-write-through (a local file per session, fsync'd);
+  redis          --session-store redis://... (a local redis-server, AOF with appendfsync always,
+                 what deploy/ runs): lease, fenced write, release.
+One client (grpcio) runs 4 conversations, turn after turn (8-token prompts, 16 greedy tokens);
+the turn time is from the request to its Final. cost = turn p50 of the mode - turn p50 of memory.
+Prints a Markdown table; raw results in OUT/session_store.json.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path[:0] = [HERE, os.path.join(ROOT, "tests"), os.path.join(ROOT, "client/python")]
+import harness  # noqa: E402
+
+
+def store_write_mean_ms(server):
+    """Mean of retnet_session_store_seconds{op="write"} (the fenced write alone), or None."""
+    import urllib.request
+    text = urllib.request.urlopen(server.base_url + "/metrics", timeout=30).read().decode()
+    total = count = None
+    for line in text.splitlines():
+        if line.startswith('retnet_session_store_seconds_sum{op="write"}'):
+            total = float(line.rsplit(" ", 1)[1])
+        elif line.startswith('retnet_session_store_seconds_count{op="write"}'):
+            count = float(line.rsplit(" ", 1)[1])
+    return total / count * 1e3 if total is not None and count else None
+
+
+def run_mode(args, tmp, ckpt, mode, redis):
+    from retnet_client import Client
+    extra = ["--checkpoint", ckpt] if ckpt else []
+    if mode == "state-dir":
+        d = os.path.join(tmp, f"state-{len(os.listdir(tmp))}")
+        extra += ["--state-dir", d, "--state-dir-write-through"]
+    elif mode == "redis":
+        extra += ["--session-store", redis.url, "--session-store-prefix", f"bench{time.time_ns()}:"]
+    server = harness.ServerProcess(args.server, tmp, f"bench-{mode}", *extra, http=True,
+                                   log=os.path.join(args.out, f"server_{mode}.log"))
+    times = []
+    try:
+        c = Client(server.target, retries=0, timeout=120)
+        convs = [f"conv-{i}" for i in range(4)]
+        prompt = list(range(10, 18)) if ckpt else "In the beginning"
+        for sid in convs:  # warm-up: the sessions exist before the timed turns
+            c.complete(prompt, session=sid, max_new_tokens=16, temperature=0, ignore_eos=True)
+        for t in range(args.turns):
+            sid = convs[t % len(convs)]
+            t0 = time.perf_counter()
+            r = c.complete(prompt, session=sid, max_new_tokens=16, temperature=0, ignore_eos=True)
+            times.append(time.perf_counter() - t0)
+            assert len(r.tokens) == 16
+        write_ms = store_write_mean_ms(server) if mode == "redis" else None
+        snap_bytes = None
+        if mode == "redis":
+            r = redis.client()
+            sizes = [r.strlen(k) for k in r.scan_iter(match="bench*:snap", count=1000)]
+            snap_bytes = max(sizes) if sizes else None
+        c.close()
+    finally:
+        server.stop()
+    times.sort()
+    return {"p50_ms": statistics.median(times) * 1e3, "p90_ms": times[int(len(times) * 0.9)] * 1e3,
+            "mean_ms": statistics.fmean(times) * 1e3, "turns": len(times), "store_write_ms": write_ms,
+            "snapshot_bytes": snap_bytes}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--server", default=os.path.join(ROOT, "build/bin/retnet-server"))
+    ap.add_argument("--stubs", default=os.path.join(ROOT, "build/python"))
+    ap.add_argument("--redis", default=shutil.which("redis-server") or "/usr/bin/redis-server")
+    ap.add_argument("--turns", type=int, default=100)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--cache", default=os.path.join(ROOT, "build/bench-cache"))
+    args = ap.parse_args()
+    sys.path.insert(0, args.stubs)
+    args.out = args.out or tempfile.mkdtemp(prefix="bench-store-")
+    os.makedirs(args.out, exist_ok=True)
+    os.makedirs(args.cache, exist_ok=True)
+    from bench_hotpath import CONFIG_HEAVY, ensure_checkpoint  # noqa: E402  (imports torch)
+    heavy = ensure_checkpoint(args.cache, "fla-state-heavy", CONFIG_HEAVY)
+    c = CONFIG_HEAVY
+    heavy_mib = c["layers"] * c["d"] * (2 * c["d"] // c["heads"]) * 4 / 1048576
+    tmp = tempfile.mkdtemp(prefix="store-", dir=args.out)
+    redis = harness.RedisServer(tmp, "redis", args.redis)
+    results = {}
+    try:
+        for label, ckpt in (("built-in model", None), (f"fla, {heavy_mib:.0f} MiB state", heavy)):
+            results[label] = {m: run_mode(args, tmp, ckpt, m, redis) for m in ("memory", "state-dir", "redis")}
+    finally:
+        redis.stop()
+    print(f"## Write-through cost per turn ({args.turns} turns over 4 conversations, 8-token "
+          f"prompts, 16 greedy tokens, one client)\n")
+    print("| checkpoint | store | turn p50 ms | turn p90 ms | cost per turn (p50) | fenced write "
+          "in Redis, mean ms | snapshot |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for label, modes in results.items():
+        base = modes["memory"]["p50_ms"]
+        for m, r in modes.items():
+            cost = "baseline" if m == "memory" else f"{r['p50_ms'] - base:+.2f} ms"
+            w = f"{r['store_write_ms']:.2f}" if r["store_write_ms"] is not None else ""
+            size = f"{r['snapshot_bytes'] / 1048576:.2f} MiB" if r["snapshot_bytes"] else ""
+            print(f"| {label} | {m} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {cost} | {w} | {size} |")
+    with open(os.path.join(args.out, "session_store.json"), "w") as fh:
+        json.dump(results, fh, indent=1)
+    print(f"\nraw: {os.path.join(args.out, 'session_store.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
