@@ -49,29 +49,37 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 )lua";
 
-// ARGV: owner, token ('0': no lease held, the write needs the lease free or ours), expected
-// version (the one our copy was made from), snapshot, idle lifetime in ms (0 = none). With a
-// token the lease is released. Returns the new version.
+// KEYS[4]: the pending key the snapshot was SET to just before (pipelined, so the 8 MiB
+// value is never copied through Lua). ARGV: owner, token ('0': no lease held, the write needs
+// the lease free or ours), expected version (the one our copy was made from), idle lifetime in
+// ms (0 = none). With a token the lease is released. Returns the new version; a refused write
+// deletes the pending key.
 constexpr char kWriteLua[] = R"lua(
+local function refuse(why)
+  redis.call('DEL', KEYS[4])
+  return redis.error_reply(why)
+end
+if redis.call('EXISTS', KEYS[4]) == 0 then return refuse('RETNET NOPENDING') end
 local l = redis.call('HMGET', KEYS[1], 'owner', 'token')
 if ARGV[2] == '0' then
-  if l[1] and l[1] ~= ARGV[1] then return redis.error_reply('RETNET BUSY') end
+  if l[1] and l[1] ~= ARGV[1] then return refuse('RETNET BUSY') end
 else
-  if l[1] ~= ARGV[1] or l[2] ~= ARGV[2] then return redis.error_reply('RETNET LOST') end
+  if l[1] ~= ARGV[1] or l[2] ~= ARGV[2] then return refuse('RETNET LOST') end
   local f = tonumber(redis.call('HGET', KEYS[2], 'fence') or '0')
-  if tonumber(ARGV[2]) < f then return redis.error_reply('RETNET LOST fenced') end
+  if tonumber(ARGV[2]) < f then return refuse('RETNET LOST fenced') end
 end
 local v = tonumber(redis.call('HGET', KEYS[2], 'version') or '0')
 if v ~= tonumber(ARGV[3]) and redis.call('EXISTS', KEYS[3]) == 1 then
-  return redis.error_reply('RETNET EXISTS')
+  return refuse('RETNET EXISTS')
 end
-redis.call('SET', KEYS[3], ARGV[4])
+redis.call('RENAME', KEYS[4], KEYS[3])
 v = v + 1
 redis.call('HSET', KEYS[2], 'version', v, 'writer', ARGV[1])
-if ARGV[5] ~= '0' then
-  redis.call('PEXPIRE', KEYS[3], ARGV[5])
-  redis.call('PEXPIRE', KEYS[2], ARGV[5])
+if ARGV[4] ~= '0' then
+  redis.call('PEXPIRE', KEYS[3], ARGV[4])
+  redis.call('PEXPIRE', KEYS[2], ARGV[4])
 else
+  redis.call('PERSIST', KEYS[3])
   redis.call('PERSIST', KEYS[2])
 end
 if ARGV[2] ~= '0' then
@@ -114,6 +122,8 @@ return had
 constexpr const char* kLua[kScripts] = {kAcquireLua, kRenewLua, kWriteLua, kReleaseLua,
                                         kVersionLua, kReadLua,  kForgetLua};
 constexpr int64_t kTombstoneMs = int64_t{24} * 3600 * 1000;
+// A pending snapshot whose write never ran (the connection broke in between) expires.
+constexpr int64_t kPendingMs = 60 * 1000;
 
 std::string Hex(const std::string& s) {
   static constexpr char kDigits[] = "0123456789abcdef";
@@ -228,6 +238,16 @@ class RedisStore::Connection {
     return Reply(static_cast<redisReply*>(r));
   }
 
+  // The next reply of a pipeline.
+  absl::StatusOr<Reply> Next() {
+    void* r = nullptr;
+    if (redisGetReply(c_, &r) != REDIS_OK || r == nullptr) {
+      broken_ = true;
+      return absl::UnavailableError(c_->err != 0 ? c_->errstr : "no reply");
+    }
+    return Reply(static_cast<redisReply*>(r));
+  }
+
   // EVALSHA, or EVAL when Redis has forgotten the script (SCRIPT FLUSH).
   absl::StatusOr<Reply> Eval(int script, std::vector<std::string> keys,
                              std::vector<std::string> args) {
@@ -241,6 +261,39 @@ class RedisStore::Connection {
       return Command(cmd);
     }
     return r;
+  }
+  // SET `key` `value` PX `px_ms`, then the script, in one round trip; the script's reply (the
+  // SET's error reply when it failed, e.g. OOM).
+  absl::StatusOr<Reply> SetThenEval(const std::string& key, const std::string& value, int64_t px_ms,
+                                    int script, const std::vector<std::string>& keys,
+                                    const std::vector<std::string>& args) {
+    const std::string px = std::to_string(px_ms);
+    const char* set_argv[] = {"SET", key.data(), value.data(), "PX", px.data()};
+    const size_t set_lens[] = {3, key.size(), value.size(), 2, px.size()};
+    std::vector<std::string> cmd = {"EVALSHA", sha_[script], std::to_string(keys.size())};
+    cmd.insert(cmd.end(), keys.begin(), keys.end());
+    cmd.insert(cmd.end(), args.begin(), args.end());
+    std::vector<const char*> argv;
+    std::vector<size_t> lens;
+    for (const std::string& a : cmd) {
+      argv.push_back(a.data());
+      lens.push_back(a.size());
+    }
+    if (redisAppendCommandArgv(c_, 5, set_argv, set_lens) != REDIS_OK ||
+        redisAppendCommandArgv(c_, static_cast<int>(argv.size()), argv.data(), lens.data()) !=
+            REDIS_OK) {
+      broken_ = true;
+      return absl::UnavailableError(c_->err != 0 ? c_->errstr : "cannot queue the write");
+    }
+    ASSIGN_OR_RETURN(Reply set, Next());
+    ASSIGN_OR_RETURN(Reply eval, Next());
+    if (set.is_error()) return set;
+    if (eval.is_error() && absl::StartsWith(eval.error(), "NOSCRIPT")) {
+      cmd[0] = "EVAL";
+      cmd[1] = kLua[script];
+      return Command(cmd);
+    }
+    return eval;
   }
   bool broken() const { return broken_ || c_->err != 0; }
 
@@ -385,21 +438,23 @@ void RedisStore::Give(std::unique_ptr<Connection> c) {
 
 absl::StatusOr<RedisStore::Reply> RedisStore::Eval(int script, const std::string& id,
                                                    std::vector<std::string> args, const char* op) {
+  const std::vector<std::string> keys = {Key(id, "lease"), Key(id, "meta"), Key(id, "snap")};
+  return Run(op, [&](Connection* c) { return c->Eval(script, keys, args); });
+}
+
+absl::StatusOr<RedisStore::Reply> RedisStore::Run(
+    const char* op, const std::function<absl::StatusOr<Reply>(Connection*)>& call) {
   const absl::Time start = absl::Now();
   absl::Status error;
   bool pooled = false;
   std::unique_ptr<Connection> c = Take(&error, &pooled);
-  absl::StatusOr<Reply> r =
-      c == nullptr ? absl::StatusOr<Reply>(error)
-                   : c->Eval(script, {Key(id, "lease"), Key(id, "meta"), Key(id, "snap")}, args);
+  absl::StatusOr<Reply> r = c == nullptr ? absl::StatusOr<Reply>(error) : call(c.get());
   if (!r.ok() && pooled) {
     // An idle connection that Redis closed (a restart, a failover, its idle timeout): once more
-    // on a fresh one. Every script is safe to repeat: a write that did land the first time
+    // on a fresh one. Every call is safe to repeat: a write that did land the first time
     // released its lease, so its repeat is refused (LOST) and the turn fails, never doubles.
     c = Take(&error, nullptr);
-    r = c == nullptr ? absl::StatusOr<Reply>(error)
-                     : c->Eval(script, {Key(id, "lease"), Key(id, "meta"), Key(id, "snap")},
-                               std::move(args));
+    r = c == nullptr ? absl::StatusOr<Reply>(error) : call(c.get());
   }
   Give(std::move(c));
   const bool failed = !r.ok() || (r->is_error() && !absl::StartsWith(r->error(), "RETNET"));
@@ -635,10 +690,19 @@ absl::Status RedisStore::Write(const Job& job) {
     release();
     return snap.status();
   }
-  auto r = Eval(kWrite, id,
-                {owner_, std::to_string(token), std::to_string(expected), *std::move(snap),
-                 std::to_string(absl::ToInt64Milliseconds(options_.session_ttl))},
-                "write");
+  // The snapshot goes to a pending key of this write alone (a key per write: a writer whose
+  // lease was taken over can never rename another's bytes into place), and the script renames
+  // it over the snapshot only while the lease and fence allow.
+  const std::string pending =
+      Key(id, absl::StrCat("pending:", owner_, ":", pending_seq_.fetch_add(1) + 1).c_str());
+  const std::vector<std::string> keys = {Key(id, "lease"), Key(id, "meta"), Key(id, "snap"),
+                                         pending};
+  const std::vector<std::string> args = {
+      owner_, std::to_string(token), std::to_string(expected),
+      std::to_string(absl::ToInt64Milliseconds(options_.session_ttl))};
+  auto r = Run("write", [&](Connection* c) {
+    return c->SetThenEval(pending, *snap, kPendingMs, kWrite, keys, args);
+  });
   if (r.ok() && !r->is_error()) {
     absl::MutexLock lock(&mu_);
     Entry& e = entries_[id];
@@ -670,7 +734,11 @@ absl::Status RedisStore::Write(const Job& job) {
   if (absl::StartsWith(why, "RETNET BUSY")) {
     return absl::UnavailableError("session_id: the session is in a turn on another replica; retry");
   }
-  return absl::AlreadyExistsError("session_id: a session with this id exists");
+  if (absl::StartsWith(why, "RETNET EXISTS")) {
+    return absl::AlreadyExistsError("session_id: a session with this id exists");
+  }
+  return absl::UnavailableError(absl::StrCat("not saved to the session store (", why,
+                                             "); the session is back at its last saved state"));
 }
 
 void RedisStore::WriterLoop() {

@@ -49,6 +49,7 @@
 #define RETNET_SERVER_REDIS_STORE_H_
 
 #include <array>
+#include <atomic>
 #include <cstdint>
 #include <deque>
 #include <functional>
@@ -142,6 +143,11 @@ class RedisStore final : public SessionStore {
   // Runs a script (EVALSHA, loading it when Redis does not know it) on a pooled connection.
   absl::StatusOr<Reply> Eval(int script, const std::string& id, std::vector<std::string> args,
                              const char* op);
+  // Runs `call` on a pooled connection, once more on a new one when a pooled one turns out
+  // closed; records the op's latency and errors; UNAVAILABLE for a failed connection or an
+  // error reply that is not one of the scripts' own ("RETNET ...").
+  absl::StatusOr<Reply> Run(const char* op,
+                            const std::function<absl::StatusOr<Reply>(Connection*)>& call);
   // An idle pooled connection (*pooled = true) or a new one; pooled == nullptr: always new.
   std::unique_ptr<Connection> Take(absl::Status* error, bool* pooled);
   void Give(std::unique_ptr<Connection> c);
@@ -171,6 +177,7 @@ class RedisStore final : public SessionStore {
   absl::Mutex mu_;
   std::map<std::string, Entry> entries_ ABSL_GUARDED_BY(mu_);
   int64_t next_hold_ ABSL_GUARDED_BY(mu_) = 0;
+  std::atomic<int64_t> pending_seq_{0};  // names each write's pending key
 
   absl::Mutex queue_mu_;
   std::deque<Job> queue_ ABSL_GUARDED_BY(queue_mu_);

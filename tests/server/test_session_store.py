@@ -7,6 +7,9 @@ Checks, each against real processes:
   ends OK is kept: replaying the acknowledged turns, in the order they completed, from the
   session's first turn reproduces each of their tokens and the session's next turn exactly; a turn
   that is not served is refused with UNAVAILABLE, never OK and then lost.
+- Fencing: a replica stalled (SIGSTOP) mid-turn past its lease resumes and finishes the turn;
+  its write is refused (UNAVAILABLE), and the session keeps the turn another replica
+  acknowledged meanwhile.
 - SIGKILL of a replica mid-stream: the other replica refuses the session (UNAVAILABLE) while the
   dead replica's lease lasts, the lease is gone within its TTL, and the session then continues
   from its last acknowledged turn with exactly the tokens it would have produced.
@@ -21,6 +24,7 @@ Checks, each against real processes:
 import argparse
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -148,6 +152,32 @@ def main():
         check(metric(a, "retnet_session_store_seconds_count") > 0,
               "store latency is measured (retnet_session_store_seconds)")
         check(not lease_keys("race-0"), "no lease is left once the turns have ended")
+        check(not list(r.scan_iter(match="*:pending:*", count=1000)), "no pending snapshot is left behind")
+
+        # 1b. Fencing: replica 0 stalls (SIGSTOP) in the middle of a turn past its lease; replica 1
+        #     takes the session and acknowledges a turn; replica 0 resumes and finishes its turn,
+        #     whose write must be refused: it ends with UNAVAILABLE, and the session keeps
+        #     replica 1's turn, on both replicas.
+        sid = "fenced"
+        first = greedy(ca, FIRST, sid, 8)
+        pieces = ca.generate(" Amen", session=sid, max_new_tokens=600, temperature=0, ignore_eos=True)
+        next(pieces)
+        os.kill(a.pid, signal.SIGSTOP)
+        try:
+            t_end = time.monotonic() + 10
+            while lease_keys(sid) and time.monotonic() < t_end:  # bounded: until the lease expires
+                time.sleep(0.02)
+            taken = greedy(cb, " and then", sid, 12).tokens
+        finally:
+            os.kill(a.pid, signal.SIGCONT)
+        code, details = code_of(lambda: [None for _ in pieces])
+        check(code == grpc.StatusCode.UNAVAILABLE and "lost the session's lease" in details,
+              f"a turn that outlived its lease is not acknowledged ({code}: {details})")
+        convo = list(FIRST.encode()) + first.tokens + list(b" and then") + taken + list(b" Selah")
+        want = greedy(ca, convo, "", 8).tokens
+        check(greedy(ca, " Selah", sid, 8).tokens == want,
+              "its write was fenced off: the session holds the other replica's acknowledged turn")
+        check(metric(a, "retnet_session_lease_lost_total") >= 1, "the lost lease is counted")
 
         # 2. API keys: a session is its key's on every replica.
         greedy(ca, FIRST, "keyed", 4)
