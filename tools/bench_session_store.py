@@ -4,13 +4,15 @@
     scripts/bench-session-store.sh [--turns N] [--out DIR] [--cache DIR]
 
 For the built-in model and a random fla checkpoint with 8 MiB of state per session
-(bench_hotpath.py's CONFIG_HEAVY), one server at a time, each mode side by side:
+(bench_hotpath.py's CONFIG_HEAVY), one server per mode, side by side:
   memory         no store (sessions only in the server's memory): the baseline;
   state-dir      --state-dir DIR --state-dir-write-through (a local file per session, fsync'd);
   redis          --session-store redis://... (a local redis-server, AOF with appendfsync always,
-                 what deploy/ runs): lease, fenced write, release.
-One client (grpcio) runs 4 conversations, turn after turn (8-token prompts, 16 greedy tokens);
-the turn time is from the request to its Final. cost = turn p50 of the mode - turn p50 of memory.
+                 what deploy/ runs): lease, fenced write, release;
+  redis-everysec the same with appendfsync everysec (Redis's default): the fsync leaves the
+                 turn's path, and a Redis crash (not a replica's) may lose the last second.
+One client (grpcio) runs 4 conversations on each server, turn after turn (8-token prompts, 16
+greedy tokens), the servers' turns alternating; the turn time is from the request to its Final. cost = turn p50 of the mode - turn p50 of memory.
 Prints a Markdown table; raw results in OUT/session_store.json.
 """
 
@@ -42,42 +44,54 @@ def store_write_mean_ms(server):
     return total / count * 1e3 if total is not None and count else None
 
 
-def run_mode(args, tmp, ckpt, mode, redis):
-    from retnet_client import Client
+def start(args, tmp, ckpt, mode, redis):
     extra = ["--checkpoint", ckpt] if ckpt else []
     if mode == "state-dir":
-        d = os.path.join(tmp, f"state-{len(os.listdir(tmp))}")
-        extra += ["--state-dir", d, "--state-dir-write-through"]
-    elif mode == "redis":
-        extra += ["--session-store", redis.url, "--session-store-prefix", f"bench{time.time_ns()}:"]
-    server = harness.ServerProcess(args.server, tmp, f"bench-{mode}", *extra, http=True,
-                                   log=os.path.join(args.out, f"server_{mode}.log"))
-    times = []
+        extra += ["--state-dir", os.path.join(tmp, f"state-{time.time_ns()}"), "--state-dir-write-through"]
+    elif mode.startswith("redis"):
+        extra += ["--session-store", redis[mode].url, "--session-store-prefix", f"bench{time.time_ns()}:"]
+    return harness.ServerProcess(args.server, tmp, f"bench-{mode}", *extra, http=True,
+                                 log=os.path.join(args.out, f"server_{mode}.log"))
+
+
+def run_checkpoint(args, tmp, ckpt, modes, redis):
+    """One server per mode, all up at once; the turns alternate between them (one turn on each
+    mode in turn), so that drift in the machine's speed falls on every mode alike."""
+    from retnet_client import Client
+    servers, clients, times = {}, {}, {m: [] for m in modes}
     try:
-        c = Client(server.target, retries=0, timeout=120)
+        for m in modes:
+            servers[m] = start(args, tmp, ckpt, m, redis)
+            clients[m] = Client(servers[m].target, retries=0, timeout=120)
         convs = [f"conv-{i}" for i in range(4)]
         prompt = list(range(10, 18)) if ckpt else "In the beginning"
-        for sid in convs:  # warm-up: the sessions exist before the timed turns
-            c.complete(prompt, session=sid, max_new_tokens=16, temperature=0, ignore_eos=True)
+        for m in modes:  # warm-up: the sessions exist before the timed turns
+            for sid in convs:
+                clients[m].complete(prompt, session=sid, max_new_tokens=16, temperature=0, ignore_eos=True)
         for t in range(args.turns):
             sid = convs[t % len(convs)]
-            t0 = time.perf_counter()
-            r = c.complete(prompt, session=sid, max_new_tokens=16, temperature=0, ignore_eos=True)
-            times.append(time.perf_counter() - t0)
-            assert len(r.tokens) == 16
-        write_ms = store_write_mean_ms(server) if mode == "redis" else None
-        snap_bytes = None
-        if mode == "redis":
-            r = redis.client()
-            sizes = [r.strlen(k) for k in r.scan_iter(match="bench*:snap", count=1000)]
-            snap_bytes = max(sizes) if sizes else None
-        c.close()
+            for m in modes:
+                t0 = time.perf_counter()
+                r = clients[m].complete(prompt, session=sid, max_new_tokens=16, temperature=0, ignore_eos=True)
+                times[m].append(time.perf_counter() - t0)
+                assert len(r.tokens) == 16
+        out = {}
+        for m in modes:
+            ts = sorted(times[m])
+            out[m] = {"p50_ms": statistics.median(ts) * 1e3, "p90_ms": ts[int(len(ts) * 0.9)] * 1e3,
+                      "mean_ms": statistics.fmean(ts) * 1e3, "turns": len(ts), "store_write_ms": None,
+                      "snapshot_bytes": None}
+            if m.startswith("redis"):
+                out[m]["store_write_ms"] = store_write_mean_ms(servers[m])
+                rc = redis[m].client()
+                sizes = [rc.strlen(k) for k in rc.scan_iter(match="bench*:snap", count=1000)]
+                out[m]["snapshot_bytes"] = max(sizes) if sizes else None
+        return out
     finally:
-        server.stop()
-    times.sort()
-    return {"p50_ms": statistics.median(times) * 1e3, "p90_ms": times[int(len(times) * 0.9)] * 1e3,
-            "mean_ms": statistics.fmean(times) * 1e3, "turns": len(times), "store_write_ms": write_ms,
-            "snapshot_bytes": snap_bytes}
+        for c in clients.values():
+            c.close()
+        for srv in servers.values():
+            srv.stop()
 
 
 def main():
@@ -98,13 +112,17 @@ def main():
     c = CONFIG_HEAVY
     heavy_mib = c["layers"] * c["d"] * (2 * c["d"] // c["heads"]) * 4 / 1048576
     tmp = tempfile.mkdtemp(prefix="store-", dir=args.out)
-    redis = harness.RedisServer(tmp, "redis", args.redis)
+    redis = {"redis": harness.RedisServer(tmp, "redis", args.redis),
+             "redis-everysec": harness.RedisServer(tmp, "redis-everysec", args.redis,
+                                                   "--appendfsync", "everysec")}
+    modes = ("memory", "state-dir", "redis", "redis-everysec")
     results = {}
     try:
         for label, ckpt in (("built-in model", None), (f"fla, {heavy_mib:.0f} MiB state", heavy)):
-            results[label] = {m: run_mode(args, tmp, ckpt, m, redis) for m in ("memory", "state-dir", "redis")}
+            results[label] = run_checkpoint(args, tmp, ckpt, modes, redis)
     finally:
-        redis.stop()
+        for r in redis.values():
+            r.stop()
     print(f"## Write-through cost per turn ({args.turns} turns over 4 conversations, 8-token "
           f"prompts, 16 greedy tokens, one client)\n")
     print("| checkpoint | store | turn p50 ms | turn p90 ms | cost per turn (p50) | fenced write "
