@@ -132,7 +132,7 @@ class RedisServer:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
                     s.sendall(b"PING\r\n")
-                    if s.recv(64).startswith(b"+PONG"):
+                    if s.recv(64).startswith((b"+PONG", b"-NOAUTH")):  # up (with --requirepass: locked)
                         return True
             except OSError:
                 pass
@@ -143,7 +143,8 @@ class RedisServer:
 
     def client(self):
         import redis
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=10)
+        pw = self.extra[self.extra.index("--requirepass") + 1] if "--requirepass" in self.extra else None
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=10, password=pw)
 
     def kill(self):
         """SIGKILL: no shutdown save; only what the AOF holds survives."""

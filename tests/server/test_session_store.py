@@ -17,6 +17,8 @@ Checks, each against real processes:
   every acknowledged session exactly.
 - Redis unreachable: session turns fail with UNAVAILABLE naming the store, one-shot requests
   still work, nothing crashes; after Redis is back the same replica serves the session again.
+- The store's URL: a password (URL or RETNET_SESSION_STORE_PASSWORD) and database are used; a
+  wrong password and rediss:// are refused at start with one error line.
 - Sessions stay their API key's across replicas; metrics count hand-overs, refusals, store
   latency and errors.
 """
@@ -25,6 +27,7 @@ import argparse
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -178,6 +181,40 @@ def main():
         check(greedy(ca, " Selah", sid, 8).tokens == want,
               "its write was fenced off: the session holds the other replica's acknowledged turn")
         check(metric(a, "retnet_session_lease_lost_total") >= 1, "the lost lease is counted")
+
+        # 1c. The store's URL: a password (in the URL or RETNET_SESSION_STORE_PASSWORD) and a
+        #     database number; a wrong password and rediss:// are refused at start with one line.
+        locked = RedisServer(tmp, "redis-auth", args.redis, "--requirepass", "s3cret")
+        try:
+            def refused(url):
+                p = subprocess.run([args.server, "--listen", "127.0.0.1:0", "--metrics-listen", "",
+                                    "--http-listen", "", "--session-store", url],
+                                   capture_output=True, text=True, timeout=120)
+                errors = [line for line in (p.stdout + p.stderr).splitlines() if "error" in line.lower()]
+                return p.returncode, errors
+            rc, errors = refused(f"redis://:wrong@127.0.0.1:{locked.port}/3")
+            check(rc == 1 and len(errors) == 1 and "--session-store" in errors[0] and "AUTH" in errors[0]
+                  and "wrong" not in errors[0],
+                  f"a wrong password: exit status 1, one error line without the password ({rc}: {errors})")
+            rc, errors = refused(f"rediss://127.0.0.1:{locked.port}/0")
+            check(rc == 1 and len(errors) == 1 and "TLS" in errors[0],
+                  f"rediss:// is refused, saying why ({rc}: {errors})")
+            os.environ["RETNET_SESSION_STORE_PASSWORD"] = "s3cret"
+            try:
+                authed = ServerProcess(args.server, tmp, "authed", "--session-store",
+                                       f"redis://127.0.0.1:{locked.port}/3", log=os.path.join(tmp, "authed.log"))
+            finally:
+                del os.environ["RETNET_SESSION_STORE_PASSWORD"]
+            servers.append(authed)
+            with Client(authed.target, retries=0) as c:
+                n = len(greedy(c, FIRST, "authed", 4).tokens)
+            import redis as redis_py
+            db3 = redis_py.Redis(host="127.0.0.1", port=locked.port, db=3, password="s3cret")
+            check(n == 4 and any(k.endswith(b":snap") for k in db3.scan_iter(count=1000)),
+                  "the password from RETNET_SESSION_STORE_PASSWORD and database 3 are used")
+            authed.kill()
+        finally:
+            locked.kill()
 
         # 2. API keys: a session is its key's on every replica.
         greedy(ca, FIRST, "keyed", 4)
