@@ -20,6 +20,7 @@ usage: test_deploy_files.py --root REPO [--nginx /usr/sbin/nginx] [--compose doc
 import argparse
 import fnmatch
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -134,6 +135,15 @@ def main():
               f"{name}: every COPY source exists in the context ({len(sources)} paths; missing {missing}, "
               f"excluded {excluded})")
         text = open(os.path.join(deploy, name)).read()
+        if "COPY . " in text:
+            # The whole context: what the top-level CMakeLists.txt builds (outside the tests)
+            # must not be left out of it.
+            top = open(os.path.join(root, "CMakeLists.txt")).read()
+            needed = ["CMakeLists.txt", "CMakePresets.json"] + [
+                d for d in re.findall(r"^add_subdirectory\((\w+)\)", top, re.M) if d != "tests"]
+            dropped = [d for d in needed if ignored(d, patterns) or not os.path.exists(os.path.join(root, d))]
+            check(not dropped, f"{name}: COPY . brings every directory the build needs ({needed}; "
+                  f"excluded or missing {dropped})")
         check("USER " in text and "HEALTHCHECK" in text and "STOPSIGNAL SIGTERM" in text and "AS runtime" in text,
               f"{name}: multi-stage, non-root, health check, SIGTERM")
 
