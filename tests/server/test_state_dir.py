@@ -405,7 +405,7 @@ def test_cadence(a, tmp):
             api.generate(sid, " light", 2)
             position[sid] = api.session(sid)[0].position
         check(wait_until(lambda: all(on_disk(sid) for sid in ids), 20),
-              f"cadence: every changed session is written again")
+              "cadence: every changed session is written again")
         lag = {sid: os.stat(os.path.join(d, snap_name(sid))).st_mtime_ns / 1e9 - sent[sid] for sid in ids}
         worst = max(lag.values())
         check(worst <= 2 * interval + slack,
