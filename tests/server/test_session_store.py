@@ -10,6 +10,9 @@ Checks, each against real processes:
 - Fencing: a replica stalled (SIGSTOP) mid-turn past its lease resumes and finishes the turn;
   its write is refused (UNAVAILABLE), and the session keeps the turn another replica
   acknowledged meanwhile.
+- A turn longer than the lease TTL keeps its lease (renewals) and is acknowledged; a write
+  Redis refuses (maxmemory) fails its turn with UNAVAILABLE and the session goes on from its
+  last saved turn.
 - SIGKILL of a replica mid-stream: the other replica refuses the session (UNAVAILABLE) while the
   dead replica's lease lasts, the lease is gone within its TTL, and the session then continues
   from its last acknowledged turn with exactly the tokens it would have produced.
@@ -37,7 +40,7 @@ import urllib.request
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from harness import FAILURES, RedisServer, ServerProcess, check  # noqa: E402
 
-LEASE_TTL_MS = 1500
+LEASE_TTL_MS = 3000  # long enough that a loaded CI machine still sees a dead lease refuse
 LEASE_WAIT_MS = 600
 FIRST = "In the beginning"
 
@@ -215,6 +218,37 @@ def main():
             authed.kill()
         finally:
             locked.kill()
+
+        # 1d. A turn longer than the lease TTL keeps its lease (renewed every TTL/3) and is saved.
+        short = ServerProcess(args.server, tmp, "short-lease", "--session-store", redis.url,
+                              "--session-lease-ttl-ms", "300", "--api-keys-file", keys,
+                              log=os.path.join(tmp, "short-lease.log"), http=True)
+        servers.append(short)
+        with client(short) as cs_:
+            greedy(cs_, FIRST, "long-turn", 4)
+            t0 = time.monotonic()
+            n = len(greedy(cs_, " Amen", "long-turn", 4000).tokens)
+            took = time.monotonic() - t0
+            check(n == 4000 and took > 0.3 and cs_.session("long-turn").position == 1 + 16 + 4 + 5 + 4000 - 1,
+                  f"a turn of {took:.1f} s under a 300 ms lease is renewed throughout and acknowledged")
+        check(metric(short, "retnet_session_lease_lost_total") == 0, "and no lease was lost")
+        short.kill()
+
+        # 1e. Redis refuses the write (maxmemory reached, noeviction): the turn fails with
+        #     UNAVAILABLE, never OK, and the session goes on from its last saved turn.
+        greedy(ca, FIRST, "oom", 8)
+        ca.fork_session("oom", "oom-probe")
+        want = greedy(ca, " Selah", "oom-probe", 10).tokens
+        ca.delete_session("oom-probe")
+        r.config_set("maxmemory", str(int(r.info("memory")["used_memory"]) + 64 * 1024))
+        try:
+            code, details = code_of(lambda: greedy(ca, " and then", "oom", 10))
+        finally:
+            r.config_set("maxmemory", "0")
+        check(code == grpc.StatusCode.UNAVAILABLE and "OOM" in details and "not saved" in details,
+              f"a write Redis refuses (OOM) fails its turn with UNAVAILABLE ({code}: {details})")
+        check(greedy(cb, " Selah", "oom", 10).tokens == want and greedy(ca, " Amen", "oom", 4).tokens,
+              "the session continues from its last saved turn, on either replica")
 
         # 2. API keys: a session is its key's on every replica.
         greedy(ca, FIRST, "keyed", 4)
