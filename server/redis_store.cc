@@ -222,83 +222,87 @@ class RedisStore::Connection {
   // UNAVAILABLE when the connection failed (it must then be dropped); error replies are
   // returned as replies.
   absl::StatusOr<Reply> Command(const std::vector<std::string>& args) {
-    std::vector<const char*> argv;
-    std::vector<size_t> lens;
-    argv.reserve(args.size());
-    lens.reserve(args.size());
-    for (const std::string& a : args) {
-      argv.push_back(a.data());
-      lens.push_back(a.size());
-    }
-    void* r = redisCommandArgv(c_, static_cast<int>(args.size()), argv.data(), lens.data());
-    if (r == nullptr) {
-      broken_ = true;
-      return absl::UnavailableError(c_->err != 0 ? c_->errstr : "no reply");
-    }
-    return Reply(static_cast<redisReply*>(r));
-  }
-
-  // The next reply of a pipeline.
-  absl::StatusOr<Reply> Next() {
-    void* r = nullptr;
-    if (redisGetReply(c_, &r) != REDIS_OK || r == nullptr) {
-      broken_ = true;
-      return absl::UnavailableError(c_->err != 0 ? c_->errstr : "no reply");
-    }
-    return Reply(static_cast<redisReply*>(r));
+    if (!Append({args.begin(), args.end()})) return Failed("cannot queue the command");
+    return Next();
   }
 
   // EVALSHA, or EVAL when Redis has forgotten the script (SCRIPT FLUSH).
-  absl::StatusOr<Reply> Eval(int script, std::vector<std::string> keys,
-                             std::vector<std::string> args) {
-    std::vector<std::string> cmd = {"EVALSHA", sha_[script], std::to_string(keys.size())};
-    for (auto& k : keys) cmd.push_back(std::move(k));
-    for (auto& a : args) cmd.push_back(std::move(a));
-    ASSIGN_OR_RETURN(Reply r, Command(cmd));
-    if (r.is_error() && absl::StartsWith(r.error(), "NOSCRIPT")) {
-      cmd[0] = "EVAL";
-      cmd[1] = kLua[script];
-      return Command(cmd);
-    }
-    return r;
+  absl::StatusOr<Reply> Eval(int script, const std::vector<std::string>& keys,
+                             const std::vector<std::string>& args) {
+    std::vector<std::string> cmd = EvalSha(script, keys, args);
+    absl::StatusOr<Reply> r = Command(cmd);  // before `cmd` is moved into the call below
+    return ScriptLoaded(std::move(r), std::move(cmd), script);
   }
+
   // SET `key` `value` PX `px_ms`, then the script, in one round trip; the script's reply (the
   // SET's error reply when it failed, e.g. OOM).
   absl::StatusOr<Reply> SetThenEval(const std::string& key, const std::string& value, int64_t px_ms,
                                     int script, const std::vector<std::string>& keys,
                                     const std::vector<std::string>& args) {
     const std::string px = std::to_string(px_ms);
-    const char* set_argv[] = {"SET", key.data(), value.data(), "PX", px.data()};
-    const size_t set_lens[] = {3, key.size(), value.size(), 2, px.size()};
-    std::vector<std::string> cmd = {"EVALSHA", sha_[script], std::to_string(keys.size())};
-    cmd.insert(cmd.end(), keys.begin(), keys.end());
-    cmd.insert(cmd.end(), args.begin(), args.end());
-    std::vector<const char*> argv;
-    std::vector<size_t> lens;
-    for (const std::string& a : cmd) {
-      argv.push_back(a.data());
-      lens.push_back(a.size());
-    }
-    if (redisAppendCommandArgv(c_, 5, set_argv, set_lens) != REDIS_OK ||
-        redisAppendCommandArgv(c_, static_cast<int>(argv.size()), argv.data(), lens.data()) !=
-            REDIS_OK) {
-      broken_ = true;
-      return absl::UnavailableError(c_->err != 0 ? c_->errstr : "cannot queue the write");
+    std::vector<std::string> cmd = EvalSha(script, keys, args);
+    if (!Append({"SET", key, value, "PX", px}) || !Append({cmd.begin(), cmd.end()})) {
+      return Failed("cannot queue the write");
     }
     ASSIGN_OR_RETURN(Reply set, Next());
-    ASSIGN_OR_RETURN(Reply eval, Next());
+    absl::StatusOr<Reply> eval = Next();
     if (set.is_error()) return set;
-    if (eval.is_error() && absl::StartsWith(eval.error(), "NOSCRIPT")) {
-      cmd[0] = "EVAL";
-      cmd[1] = kLua[script];
-      return Command(cmd);
-    }
-    return eval;
+    return ScriptLoaded(std::move(eval), std::move(cmd), script);
   }
+
   bool broken() const { return broken_ || c_->err != 0; }
 
  private:
   Connection() = default;
+
+  // Queues one command; it is sent when the next reply is read. False: the connection failed.
+  bool Append(const std::vector<absl::string_view>& args) {
+    std::vector<const char*> argv;
+    std::vector<size_t> lens;
+    argv.reserve(args.size());
+    lens.reserve(args.size());
+    for (absl::string_view a : args) {
+      argv.push_back(a.data());
+      lens.push_back(a.size());
+    }
+    if (redisAppendCommandArgv(c_, static_cast<int>(args.size()), argv.data(), lens.data()) ==
+        REDIS_OK) {
+      return true;
+    }
+    broken_ = true;
+    return false;
+  }
+
+  // The next queued command's reply.
+  absl::StatusOr<Reply> Next() {
+    void* r = nullptr;
+    if (redisGetReply(c_, &r) != REDIS_OK || r == nullptr) return Failed("no reply");
+    return Reply(static_cast<redisReply*>(r));
+  }
+
+  absl::Status Failed(const char* what) {
+    broken_ = true;
+    return absl::UnavailableError(c_->err != 0 ? c_->errstr : what);
+  }
+
+  std::vector<std::string> EvalSha(int script, const std::vector<std::string>& keys,
+                                   const std::vector<std::string>& args) const {
+    std::vector<std::string> cmd = {"EVALSHA", sha_[script], std::to_string(keys.size())};
+    cmd.insert(cmd.end(), keys.begin(), keys.end());
+    cmd.insert(cmd.end(), args.begin(), args.end());
+    return cmd;
+  }
+
+  // `r`, the reply of EVALSHA `cmd`; when Redis did not know the script, the reply of EVAL.
+  absl::StatusOr<Reply> ScriptLoaded(absl::StatusOr<Reply> r, std::vector<std::string> cmd,
+                                     int script) {
+    if (r.ok() && r->is_error() && absl::StartsWith(r->error(), "NOSCRIPT")) {
+      cmd[0] = "EVAL";
+      cmd[1] = kLua[script];
+      return Command(cmd);
+    }
+    return r;
+  }
   redisContext* c_ = nullptr;
   bool broken_ = false;
   std::string sha_[kScripts];
@@ -412,8 +416,8 @@ absl::Mutex& RedisStore::Stripe(const std::string& id) {
 }
 
 std::unique_ptr<RedisStore::Connection> RedisStore::Take(absl::Status* error, bool* pooled) {
-  if (pooled != nullptr) *pooled = false;
   if (pooled != nullptr) {
+    *pooled = false;
     absl::MutexLock lock(&pool_mu_);
     if (!idle_.empty()) {
       *pooled = true;
