@@ -111,7 +111,7 @@ class RedisServer:
         self.log = os.path.join(tmp, name + ".log")
         self.port = 0
         for _ in range(5):
-            self.port = _free_port()
+            self.port = free_port()
             if self._start():
                 break
         else:
@@ -170,10 +170,24 @@ class RedisServer:
                 self.proc.wait()
 
 
-def _free_port():
+def free_port():
+    """A port free on 127.0.0.1 now (for programs that cannot report a port 0 they bound)."""
     import socket
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()
     return port
+
+
+def metric_sum(text, name, labels=""):
+    """The sum of the samples of `name` in Prometheus text; with `labels` (e.g. 'op="write"'),
+    only the samples whose labels start with them."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        if (line.startswith(name + "{" + labels) if labels
+                else line.startswith(name + " ") or line.startswith(name + "{")):
+            total += float(line.rsplit(" ", 1)[1])
+    return total

@@ -35,13 +35,9 @@ def store_write_mean_ms(server):
     """Mean of retnet_session_store_seconds{op="write"} (the fenced write alone), or None."""
     import urllib.request
     text = urllib.request.urlopen(server.base_url + "/metrics", timeout=30).read().decode()
-    total = count = None
-    for line in text.splitlines():
-        if line.startswith('retnet_session_store_seconds_sum{op="write"}'):
-            total = float(line.rsplit(" ", 1)[1])
-        elif line.startswith('retnet_session_store_seconds_count{op="write"}'):
-            count = float(line.rsplit(" ", 1)[1])
-    return total / count * 1e3 if total is not None and count else None
+    total = harness.metric_sum(text, "retnet_session_store_seconds_sum", 'op="write"')
+    count = harness.metric_sum(text, "retnet_session_store_seconds_count", 'op="write"')
+    return total / count * 1e3 if count else None
 
 
 def start(args, tmp, ckpt, mode, redis):

@@ -28,7 +28,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,18 +35,11 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(HERE, "..")]
-from harness import FAILURES, RedisServer, check  # noqa: E402
+from harness import FAILURES, RedisServer, check, free_port  # noqa: E402
 
 IMAGE = "localhost/retnet-serve:cpu-test"
 BASE = "localhost/debian:12-mmdebstrap"
 
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 class Podman:

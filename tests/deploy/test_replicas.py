@@ -29,15 +29,8 @@ import threading
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from harness import FAILURES, RedisServer, ServerProcess, check  # noqa: E402
+from harness import FAILURES, RedisServer, ServerProcess, check, free_port  # noqa: E402
 
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def Replica(binary, tmp, name, store, listen="127.0.0.1:0"):

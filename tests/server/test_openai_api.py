@@ -55,12 +55,7 @@ def get(port, path, timeout=10):
 
 def metric(port, name, labels=""):
     status, text = get(port, "/metrics")
-    total = 0.0
-    for line in text.decode().splitlines():
-        if line.startswith(name + (("{" + labels) if labels else "")) and not line.startswith("#"):
-            if labels or line.startswith(name + " ") or line.startswith(name + "{"):
-                total += float(line.rsplit(" ", 1)[1])
-    return total
+    return harness.metric_sum(text.decode(), name, labels)
 
 
 def main():
