@@ -180,6 +180,7 @@ SessionInfo Engine::Info(const Session& s) const {
   info.generating = s.busy;
   info.created = s.created;
   info.last_used = s.last_used;
+  info.transcript = s.transcript;
   return info;
 }
 
@@ -422,6 +423,7 @@ absl::StatusOr<SessionInfo> Engine::ForkSessionOnLoop(const std::string& source,
   dst->seed = src->seed;
   dst->counter = src->counter;
   dst->history = src->history;
+  dst->transcript = src->transcript;
   src->last_used = absl::Now();
   return Info(*dst);
 }
@@ -462,6 +464,7 @@ absl::Status Engine::CaptureOnLoop(const std::string& id, Captured* out) {
     d.seed = s->seed;
     d.counter = s->counter;
     d.history = s->history;
+    d.transcript = s->transcript;
   }
   // Only this thread changes the state, so it is copied without the lock.
   if (s->slot < 0) {
@@ -530,6 +533,7 @@ absl::StatusOr<SessionInfo> Engine::RestoreSession(const std::string& snapshot,
     (*s)->seed = d.seed;
     (*s)->counter = d.counter;
     (*s)->history = std::move(d.history);
+    (*s)->transcript = d.transcript;
     result = Info(**s);
   }));
   return result;
@@ -587,6 +591,17 @@ absl::StatusOr<std::shared_ptr<Generation>> Engine::Submit(GenerateRequest reque
     return absl::InvalidArgumentError("session_id: at most 128 bytes");
   absl::MutexLock lock(&mu_);
   auto it = sessions_.find(request.session_id);
+  auto check_transcript =
+      [&request](const std::optional<common::Transcript>& current) -> absl::Status {
+    if (!request.expect_transcript.has_value() || current == request.expect_transcript)
+      return absl::OkStatus();
+    const common::Transcript& want = *request.expect_transcript;
+    return absl::AbortedError(absl::StrCat(
+        "expect_transcript: the session's transcript is ",
+        current ? absl::StrCat(current->length, " bytes, digest ", absl::Hex(current->digest))
+                : std::string("unknown"),
+        ", not ", want.length, " bytes, digest ", absl::Hex(want.digest)));
+  };
   if (request.new_session) {
     if (it != sessions_.end()) {
       return absl::AlreadyExistsError(
@@ -594,6 +609,7 @@ absl::StatusOr<std::shared_ptr<Generation>> Engine::Submit(GenerateRequest reque
     }
     if (request.prompt.empty())
       return absl::InvalidArgumentError("prompt: must not be empty for a new session");
+    RETURN_IF_ERROR(check_transcript(common::Transcript{}));
     if (static_cast<int64_t>(queue_.size()) >= options_.max_queued_requests) {
       return absl::ResourceExhaustedError(absl::StrCat("admission queue full (", queue_.size(),
                                                        " waiting, limit ",
@@ -623,6 +639,7 @@ absl::StatusOr<std::shared_ptr<Generation>> Engine::Submit(GenerateRequest reque
     return absl::InvalidArgumentError(
         "prompt: must not be empty (the session has no pending token to continue from)");
   }
+  RETURN_IF_ERROR(check_transcript(s.transcript));
   if (static_cast<int64_t>(queue_.size()) >= options_.max_queued_requests) {
     return absl::ResourceExhaustedError(absl::StrCat("admission queue full (", queue_.size(),
                                                      " waiting, limit ",
@@ -633,6 +650,10 @@ absl::StatusOr<std::shared_ptr<Generation>> Engine::Submit(GenerateRequest reque
   r->sink = std::move(sink);
   r->generation = std::make_shared<Generation>();
   r->prompt_tokens = static_cast<int64_t>(request.prompt.size());
+  if (s.transcript.has_value() && request.transcript_text.has_value()) {
+    r->transcript = s.transcript;
+    r->transcript->Append(*request.transcript_text);
+  }
   r->req = std::move(request);
   s.busy = true;
   ++busy_;

@@ -61,6 +61,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "common/transcript.h"
 #include "engine/sampling_params.h"
 #include "model/tokenizer.h"
 
@@ -118,6 +119,8 @@ struct Finish {
   int64_t prompt_tokens = 0;
   int64_t completion_tokens = 0;
   int64_t position = 0;  // the session's absorbed-token count afterwards
+  // The session's transcript afterwards (GenerateRequest::transcript_text); unset when unknown.
+  std::optional<common::Transcript> transcript;
 };
 
 // Receives one generation's output on the engine thread. Implementations must not block.
@@ -143,6 +146,14 @@ struct GenerateRequest {
   // last one stays pending, so that the next turn (or each fork of the session) samples its own
   // first token from it. The sink gets no token and one Finish (kLength, 0 completion tokens).
   bool prefill_only = false;
+  // Run only when the session's transcript is this one (ABORTED otherwise, naming both): a
+  // client that checked its text against the transcript knows the turn continues that text.
+  std::optional<common::Transcript> expect_transcript = std::nullopt;
+  // What this turn's prompt adds to the session's transcript; its reply's text (every
+  // TokenEvent::text and Finish::text) follows. Unset: the transcript becomes unknown (a prompt of
+  // token ids that stand for no text). A turn that does not end normally (cancelled, deadline,
+  // error) after touching the state also leaves it unknown; one refused before that leaves it.
+  std::optional<std::string> transcript_text = std::nullopt;
 };
 
 // A submitted generation; Cancel() is safe from any thread at any time.
@@ -162,6 +173,7 @@ struct SessionInfo {
   bool resident = false;  // on the device (else spilled to host)
   bool generating = false;
   absl::Time created, last_used;
+  std::optional<common::Transcript> transcript;  // unset when unknown
 };
 
 struct PoolStats {

@@ -49,7 +49,9 @@ struct Engine::Session {
   uint64_t seed = 0;               // sampler RNG: (seed, counter)
   uint64_t counter = 0;
   std::vector<int64_t> history;  // the whole conversation (for penalties and snapshots)
-  bool busy = false;             // a generation is queued or running
+  // The text absorbed (GenerateRequest::transcript_text and the replies); unset when unknown.
+  std::optional<common::Transcript> transcript = common::Transcript{};
+  bool busy = false;  // a generation is queued or running
   // Made by Submit (GenerateRequest.new_session) and not admitted yet: its state is all zeros
   // and has no storage, on the device or the host.
   bool unallocated = false;
@@ -74,6 +76,8 @@ struct Engine::Request {
   size_t prefilled = 0;
   at::Tensor logits;  // [1, V] after the prompt, until the first token is sampled
   std::vector<int64_t> output;
+  // The session's transcript with this turn's prompt and the reply so far; unset when unknown.
+  std::optional<common::Transcript> transcript;
   StopMatcher matcher;
   FinishReason finish_reason = FinishReason::kLength;  // set by Deliver when it ends the request
 };

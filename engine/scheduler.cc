@@ -353,6 +353,7 @@ bool Engine::Deliver(Request& r, const SampleResult& sample) {
   event.token = token;
   event.bytes = tokenizer_->TokenBytes(token);
   if (!is_eos && !is_stop_id) event.text = r.matcher.Append(event.bytes);
+  if (r.transcript.has_value()) r.transcript->Append(event.text);
   if (p.logprobs >= 0) {
     event.has_logprob = true;
     event.logprob = sample.logprob;
@@ -384,12 +385,20 @@ void Engine::FinishRequest(Request& r, FinishReason reason, absl::Status status)
   f.stop_string = r.matcher.matched_stop();
   f.prompt_tokens = r.prompt_tokens;
   f.completion_tokens = static_cast<int64_t>(r.output.size());
+  const bool normal = reason == FinishReason::kLength || reason == FinishReason::kStop ||
+                      reason == FinishReason::kEos;
+  // Refused or expired before its first prefill chunk: the session is as it was.
+  const bool untouched = !normal && r.prefilled == 0 && r.output.empty();
+  if (normal && r.transcript.has_value()) r.transcript->Append(f.text);
   std::unique_ptr<Session> gone;  // a one-shot request's session, destroyed after the lock
   {
     absl::MutexLock lock(&mu_);
     r.session->busy = false;
     r.session->last_used = absl::Now();
     f.position = r.session->position;
+    if (!untouched)
+      r.session->transcript = normal ? r.transcript : std::optional<common::Transcript>();
+    f.transcript = r.session->transcript;
     // Gone before the generation counts as ended (WaitIdle) and before the sink hears of it.
     if (r.req.delete_session_at_end) gone = EraseSessionLocked(sessions_.find(r.session->id));
     --busy_;

@@ -51,8 +51,8 @@ uint64_t SnapshotChecksum(uint32_t version, std::string_view bytes) {
 
 std::string EncodeSnapshot(const SnapshotData& d, uint32_t version) {
   std::string out;
-  out.reserve(8 + 4 + 8 + 4 * 8 + 4 + 8 + 1 + 8 * 5 + 8 * d.history.size() + 8 + d.state.size() +
-              8);
+  out.reserve(8 + 4 + 8 + 4 * 8 + 4 + 8 + 1 + 8 * 5 + 8 * d.history.size() + 17 + 8 +
+              d.state.size() + 8);
   out.append(kMagic, 8);
   Put<uint32_t>(out, version);
   Put<uint64_t>(out, d.fingerprint);
@@ -65,6 +65,11 @@ std::string EncodeSnapshot(const SnapshotData& d, uint32_t version) {
   Put<uint64_t>(out, d.counter);
   Put<uint64_t>(out, d.history.size());
   for (int64_t t : d.history) Put<int64_t>(out, t);
+  if (version >= 3) {
+    Put<uint8_t>(out, d.transcript.has_value() ? 1 : 0);
+    Put<int64_t>(out, d.transcript ? d.transcript->length : 0);
+    Put<uint64_t>(out, d.transcript ? d.transcript->digest : 0);
+  }
   Put<uint64_t>(out, d.state.size());
   out += d.state;
   Put<uint64_t>(out, SnapshotChecksum(version, out));
@@ -105,6 +110,14 @@ absl::StatusOr<SnapshotData> DecodeSnapshot(std::string_view bytes) {
   d.history.resize(n);
   for (auto& t : d.history) r.Get(&t);
   if (has_pending) d.pending_token = pending;
+  if (version >= 3) {
+    uint8_t has_transcript = 0;
+    common::Transcript t;
+    if (!r.Get(&has_transcript) || !r.Get(&t.length) || !r.Get(&t.digest))
+      return bad("truncated transcript");
+    if (has_transcript > 1 || t.length < 0) return bad("invalid transcript");
+    if (has_transcript) d.transcript = t;
+  }
   uint64_t state_len = 0;
   if (!r.Get(&state_len) || state_len != r.left())
     return bad("state length does not match the snapshot");

@@ -20,6 +20,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
 #include "common/strings.h"
+#include "common/transcript.h"
 #include "common/utf8.h"
 
 namespace retnet::server {
@@ -107,6 +108,9 @@ ApiError FromGrpc(const grpc::Status& s) {
     case grpc::StatusCode::DEADLINE_EXCEEDED:
       e.http = 504;
       break;
+    case grpc::StatusCode::ABORTED:  // expect_transcript: another request changed the session
+      e.http = 409;
+      break;
     default:
       e.http = 500;
   }
@@ -132,6 +136,17 @@ ApiError FromGrpc(const grpc::Status& s) {
     e.param = m.substr(0, colon);
   }
   if (e.http == 429) e.code = "capacity_exceeded";
+  if (s.error_code() == grpc::StatusCode::ABORTED) {
+    e.message =
+        "the session changed while this request was being prepared (another request "
+        "continued it): send the conversation again";
+  }
+  if (e.http == 409 || (s.error_code() == grpc::StatusCode::FAILED_PRECONDITION &&
+                        absl::StrContains(m, "is already generating"))) {
+    e.http = 409;
+    e.param = "x-session-id";
+    e.code = "session_busy";
+  }
   return e;
 }
 
@@ -581,17 +596,6 @@ struct OpenAiApi::Call {
   }
 };
 
-// What a chat session's state holds, as text: the rendered conversation so far (prompt and
-// reply). `tokens` is the session's position (+1 for a pending token) when it was recorded: a
-// session used in between (through gRPC, another replica) no longer matches.
-struct OpenAiApi::Conversation {
-  std::string text;
-  int64_t tokens = 0;
-  bool ended_with_eos = false;
-  bool busy = false;
-  uint64_t last_use = 0;
-};
-
 namespace {
 
 // One choice's result so far.
@@ -624,10 +628,6 @@ struct Output {
   const model::Tokenizer* tokenizer = nullptr;
   std::vector<Choice> choices;
   int64_t shared_prompt_tokens = 0;
-  // A chat session's record, updated when the turn ends; guarded by *mu.
-  std::shared_ptr<OpenAiApi::Conversation> conv;
-  std::string rendered;
-  absl::Mutex* mu = nullptr;
   Event first;                      // streaming: the event that decided the HTTP status
   std::shared_ptr<void> in_flight;  // OpenAiApi::BeginRequest(): released with the answer
 
@@ -786,27 +786,8 @@ struct Output {
       send("data: [DONE]\n\n");
     }
     call.reset();  // cancels what still runs (the client went away) and joins the readers
-    Record();
     if (ok) sink.done();
     return ok;
-  }
-
-  // A chat session's record after its turn: what its state now holds, or (a turn that did not
-  // finish) nothing, so that the session is not continued from an unknown state.
-  void Record() {
-    if (conv == nullptr) return;
-    absl::MutexLock lock(mu);
-    const Choice& c = choices[0];
-    if (!c.finish.empty()) {
-      conv->text = rendered + c.text;
-      conv->tokens = c.session_tokens;
-      conv->ended_with_eos = c.eos;
-    } else {
-      conv->text.clear();
-      conv->tokens = -1;
-    }
-    conv->busy = false;
-    conv.reset();
   }
 };
 
@@ -839,9 +820,10 @@ bool OpenAiApi::WaitIdle(absl::Duration timeout) {
 }
 
 void OpenAiApi::SetModel(const model::Tokenizer* tokenizer, chat::ChatTemplate chat_template,
-                         std::string bos_token, std::string eos_token,
+                         std::string bos_token, std::string eos_token, std::vector<int64_t> eos_ids,
                          std::function<std::string()> metrics_text) {
   tokenizer_ = tokenizer;
+  eos_ids_ = std::move(eos_ids);
   template_ = std::make_unique<chat::ChatTemplate>(std::move(chat_template));
   bos_token_ = std::move(bos_token);
   eos_token_ = std::move(eos_token);
@@ -992,15 +974,8 @@ void OpenAiApi::Completions(const std::string& body_text, const std::string& aut
     }
   }
 
-  // Chat: render the conversation; with a session, keep only what extends its record.
-  std::shared_ptr<Conversation> conv;
-  std::string rendered;
-  // Released on every way out (errors, exceptions) unless handed to the answer.
-  absl::Cleanup release_conv_on_exit = [&] {
-    if (conv == nullptr) return;
-    absl::MutexLock lock(&mu_);
-    conv->busy = false;
-  };
+  // Chat: render the conversation; with a session, send only what extends the text the session
+  // holds (its transcript, kept by the session itself, so any replica can check it).
   if (chat) {
     json extra = {{"bos_token", bos_token_}, {"eos_token", eos_token_}};
     absl::StatusOr<std::string> text = template_->Render(p.messages, true, extra);
@@ -1008,57 +983,39 @@ void OpenAiApi::Completions(const std::string& body_text, const std::string& aut
       return ReplyError(res, Bad("messages", absl::StrCat("the chat template failed: ",
                                                           text.status().message())));
     }
-    rendered = *std::move(text);
-    std::string delta = rendered;
+    v1::GenerateRequest r;
+    r.set_add_bos(false);  // the template writes the BOS it wants
+    std::string delta = *std::move(text);
     if (!session.empty()) {
-      // The session first (this also authenticates the caller): only then a record.
+      // The session's transcript (this also authenticates the caller). The turn runs only if the
+      // session still holds it when the engine takes it (expect_transcript): a request that
+      // changed it in between makes this one a 409, never a continuation of the wrong text.
       grpc::ClientContext ctx;
       if (!auth.empty()) ctx.AddMetadata("authorization", auth);
       v1::GetSessionRequest get;
       get.set_session_id(session);
       v1::Session info;
       grpc::Status s = stub_->GetSession(&ctx, get, &info);
-      int64_t tokens = 0;
+      v1::Transcript& held = *r.mutable_expect_transcript();
+      held.set_digest(common::Transcript{}.digest);  // a new session's: empty
       if (s.ok()) {
-        tokens = info.position() + (info.has_pending_token() ? 1 : 0);
-      } else if (s.error_code() != grpc::StatusCode::NOT_FOUND) {
-        return ReplyError(res, FromGrpc(s));
-      }
-      const std::string key = absl::StrCat(auth, "\n", session);
-      {
-        absl::MutexLock lock(&mu_);
-        auto& slot = conversations_[key];
-        if (slot == nullptr) slot = std::make_shared<Conversation>();
-        if (slot->busy) {
+        if (info.generating()) {
           return ReplyError(
               res, ApiError{409, absl::StrCat("session '", session, "' is already generating"),
                             "x-session-id", "session_busy"});
         }
-        slot->busy = true;
-        slot->last_use = ++use_counter_;
-        conv = slot;
-        // Least recently used records go first.
-        while (static_cast<int64_t>(conversations_.size()) > options_.max_chat_sessions) {
-          auto oldest = conversations_.end();
-          for (auto it = conversations_.begin(); it != conversations_.end(); ++it) {
-            if (!it->second->busy &&
-                (oldest == conversations_.end() || it->second->last_use < oldest->second->last_use))
-              oldest = it;
-          }
-          if (oldest == conversations_.end()) break;
-          conversations_.erase(oldest);
-        }
-      }
-      if (tokens > 0) {
-        if (conv->text.empty() || conv->tokens != tokens) {
+        const bool fresh = info.position() == 0 && !info.has_pending_token();
+        if (!fresh && !info.has_transcript()) {
           return ReplyError(
               res, Bad("x-session-id",
                        absl::StrCat("session '", session,
-                                    "' holds a conversation this chat API did not record (it was "
-                                    "continued through another API or replica); use a new "
-                                    "session")));
+                                    "' holds a conversation that is not text (a prompt of "
+                                    "token ids, or a turn that was cancelled or failed); use a "
+                                    "new session")));
         }
-        if (!absl::StartsWith(rendered, conv->text)) {
+        if (info.has_transcript()) held = info.transcript();
+        const common::Transcript t{held.length(), held.digest()};
+        if (!t.IsPrefixOf(delta)) {
           return ReplyError(
               res,
               Bad("messages", absl::StrCat("the messages do not extend the conversation "
@@ -1067,20 +1024,24 @@ void OpenAiApi::Completions(const std::string& body_text, const std::string& aut
                                            "' holds (earlier messages must be repeated "
                                            "unchanged, the assistant's replies as returned)")));
         }
-        delta = rendered.substr(conv->text.size());
-        // The EOS that ended the last reply is in the session (its pending token): the
-        // template's copy of it is not prefilled again.
-        if (conv->ended_with_eos && !eos_token_.empty() && absl::StartsWith(delta, eos_token_)) {
-          delta.erase(0, eos_token_.size());
-        }
+        delta.erase(0, static_cast<size_t>(t.length));
         if (delta.empty()) {
           return ReplyError(res, Bad("messages", "no new message after the conversation so far"));
         }
+        r.set_transcript_text(delta);
+        // The EOS that ended the last reply is in the session (its pending token): the
+        // template's copy of it is not prefilled again (the transcript still counts it).
+        const bool ended_with_eos =
+            info.has_pending_token() &&
+            std::find(eos_ids_.begin(), eos_ids_.end(), info.pending_token()) != eos_ids_.end();
+        if (ended_with_eos && !eos_token_.empty() && absl::StartsWith(delta, eos_token_)) {
+          delta.erase(0, eos_token_.size());
+        }
+      } else if (s.error_code() != grpc::StatusCode::NOT_FOUND) {
+        return ReplyError(res, FromGrpc(s));
       }
     }
-    v1::GenerateRequest r;
-    r.set_text(delta);
-    r.set_add_bos(false);  // the template writes the BOS it wants
+    r.set_text(std::move(delta));
     p.prompts.push_back(std::move(r));
   }
 
@@ -1210,9 +1171,6 @@ void OpenAiApi::Completions(const std::string& body_text, const std::string& aut
   o->tokenizer = tokenizer_;
   o->choices.resize(choices);
   o->shared_prompt_tokens = shared_prompt_tokens;
-  o->conv = std::move(conv);
-  o->rendered = std::move(rendered);
-  o->mu = &mu_;
   o->in_flight = std::move(in_flight);
 
   if (!p.stream) {
@@ -1226,7 +1184,6 @@ void OpenAiApi::Completions(const std::string& body_text, const std::string& aut
       o->Absorb(e);
     } while (o->call->Next(&e));
     o->call.reset();
-    o->Record();
     if (failed) return ReplyError(res, FromGrpc(*failed));
     if (!session.empty()) res.set_header("x-session-id", session);
     return Reply(res, 200, o->Whole());
@@ -1243,7 +1200,6 @@ void OpenAiApi::Completions(const std::string& body_text, const std::string& aut
       [o](bool) {
         // Ends (or never started: the client left first): whatever still runs is cancelled.
         o->call.reset();
-        o->Record();
       });
 }
 

@@ -12,14 +12,15 @@
 // HTTP's own: OpenAI's JSON shapes and error bodies, chat templates (chat/), `n > 1` (the prompt
 // is prefilled once into a temporary session, which is forked n - 1 times; each copy samples its
 // own continuation) and chat sessions (`x-session-id`: a conversation continues only when the
-// new messages extend it, and only the new part is prefilled).
+// rendered messages extend the session's transcript, Session.transcript, and only the rest is
+// prefilled; the transcript lives with the session, so any replica and a restarted server agree).
 //
-// Ownership and threading: the API owns its chat-session records and borrows the channel's
-// server, the tokenizer and the metrics (they must outlive it). Handlers run on httplib's
-// worker threads, one request per thread (so `--http-threads` bounds the concurrent requests),
-// and block there; a choice's stream is read on a thread of its own. A client that goes away is
-// noticed at the next write, which cancels the request's gRPC calls (the engine drops the
-// generation at its next iteration).
+// Ownership and threading: the API keeps no per-session state and borrows the channel's server, the
+// tokenizer and the metrics (they must outlive it). Handlers run on httplib's worker threads, one
+// request per thread (so `--http-threads` bounds the concurrent requests), and block there; a
+// choice's stream is read on a thread of its own. A client that goes away is noticed at the next
+// write, which cancels the request's gRPC calls (the engine drops the generation at its next
+// iteration).
 #ifndef RETNET_SERVER_OPENAI_API_H_
 #define RETNET_SERVER_OPENAI_API_H_
 
@@ -28,9 +29,9 @@
 #include <atomic>
 #include <cstdint>
 #include <functional>
-#include <map>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
@@ -49,7 +50,6 @@ struct OpenAiOptions {
   std::string served_model_name = "retnet";  // `model` in requests and GET /v1/models
   int64_t max_n = 16;                        // upper limit of `n`
   int64_t max_body_bytes = 8 << 20;          // larger request bodies get 413
-  int64_t max_chat_sessions = 4096;          // conversation records kept (least recent dropped)
 };
 
 class OpenAiApi {
@@ -59,9 +59,10 @@ class OpenAiApi {
   ~OpenAiApi();
 
   // Once the model is loaded; until then requests get 503. `tokenizer` must outlive the API;
-  // `metrics_text` renders Prometheus' exposition for GET /metrics (thread-safe).
+  // `eos_ids`: every id that ends a generation; `metrics_text` renders Prometheus' exposition
+  // for GET /metrics (thread-safe).
   void SetModel(const model::Tokenizer* tokenizer, chat::ChatTemplate chat_template,
-                std::string bos_token, std::string eos_token,
+                std::string bos_token, std::string eos_token, std::vector<int64_t> eos_ids,
                 std::function<std::string()> metrics_text);
 
   // GET /health answers 503 from now on (the gRPC service refuses new work itself).
@@ -75,8 +76,7 @@ class OpenAiApi {
   // Adds the routes to `server` (which must not outlive this object).
   void Register(httplib::Server& server);
 
-  struct Conversation;  // a chat session's record (openai_api.cc)
-  struct Call;          // one request in flight (openai_api.cc)
+  struct Call;  // one request in flight (openai_api.cc)
 
  private:
   void Completions(const std::string& body, const std::string& auth, const std::string& session,
@@ -91,17 +91,13 @@ class OpenAiApi {
   const model::Tokenizer* tokenizer_ = nullptr;
   std::unique_ptr<chat::ChatTemplate> template_;
   std::string bos_token_, eos_token_;
+  std::vector<int64_t> eos_ids_;
   std::function<std::string()> metrics_text_;
   std::atomic<bool> ready_{false};
   std::atomic<bool> draining_{false};
 
   absl::Mutex idle_mu_;
   int64_t in_flight_ ABSL_GUARDED_BY(idle_mu_) = 0;
-
-  // Chat sessions: "<authorization>\n<x-session-id>" -> what the session's state holds.
-  absl::Mutex mu_;
-  std::map<std::string, std::shared_ptr<Conversation>> conversations_ ABSL_GUARDED_BY(mu_);
-  uint64_t use_counter_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 }  // namespace retnet::server

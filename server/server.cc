@@ -23,8 +23,8 @@
 #include "server/auth.h"
 #include "server/metrics.h"
 #include "server/openai_api.h"
-#include "server/service.h"
 #include "server/redis_store.h"
+#include "server/service.h"
 #include "server/state_dir.h"
 
 namespace retnet::server {
@@ -164,7 +164,8 @@ std::string Server::Describe() const {
           ? "(none)"
           : absl::StrCat(impl_->options.state_dir,
                          impl_->options.state_dir_write_through ? " (write-through)" : ""),
-      impl_->redis ? impl_->redis->Describe() : "(none)", impl_->keys.enabled() ? "api keys" : "off", impl_->options.tls_cert.empty() ? "off" : "on",
+      impl_->redis ? impl_->redis->Describe() : "(none)",
+      impl_->keys.enabled() ? "api keys" : "off", impl_->options.tls_cert.empty() ? "off" : "on",
       impl_->metrics_port > 0 ? absl::StrCat("http://",
                                              impl_->options.metrics_listen.substr(
                                                  0, impl_->options.metrics_listen.rfind(':')),
@@ -203,7 +204,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
           "the state directory is a single server's)");
     }
     ASSIGN_OR_RETURN(rso.address, ParseRedisUrl(options.session_store));
-    if (!options.session_store_password.empty()) rso.address.password = options.session_store_password;
+    if (!options.session_store_password.empty())
+      rso.address.password = options.session_store_password;
     rso.prefix = options.session_store_prefix;
     rso.lease_ttl = options.session_lease_ttl;
     rso.lease_wait = options.session_lease_wait;
@@ -333,12 +335,14 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
     ASSIGN_OR_RETURN(impl->redis, RedisStore::Open(rso, impl->engine.get()));
   }
 
-  impl->service->SetEngine(impl->engine.get(), impl->redis ? static_cast<SessionStore*>(impl->redis.get())
-                                                          : impl->state.get());
+  impl->service->SetEngine(impl->engine.get(), impl->redis
+                                                   ? static_cast<SessionStore*>(impl->redis.get())
+                                                   : impl->state.get());
   if (impl->api != nullptr) {
     ASSIGN_OR_RETURN(ChatSetup chat, LoadChatSetup(impl->checkpoint, options.chat_template_file));
     impl->api->SetModel(&impl->engine->tokenizer(), std::move(chat.chat_template),
                         std::move(chat.bos_token), std::move(chat.eos_token),
+                        impl->engine->model_summary().eos_token_ids,
                         [raw = impl.get()] { return raw->metrics.Render(raw->engine->Stats()); });
   }
   health->SetServingStatus(true);

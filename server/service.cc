@@ -40,6 +40,10 @@ void ToProto(const engine::SessionInfo& info, const std::string& prefix, v1::Ses
   out->set_generating(info.generating);
   out->set_created_unix_ms(UnixMs(info.created));
   out->set_last_used_unix_ms(UnixMs(info.last_used));
+  if (info.transcript) {
+    out->mutable_transcript()->set_length(info.transcript->length);
+    out->mutable_transcript()->set_digest(info.transcript->digest);
+  }
 }
 
 // Session ids: at most 96 bytes of printable ASCII without spaces or '/' ('/' separates the
@@ -611,7 +615,8 @@ class ImportReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
     auto info = engine_->RestoreSession(data_, id);
     if (info.ok()) ToProto(*info, prefix_, &session_);
     if (info.ok() && store_ != nullptr && store_->write_through()) {
-      store_->Persist(id, [this](absl::Status saved) { End(saved); }, /*hold=*/0);
+      store_->Persist(
+          id, [this](absl::Status saved) { End(saved); }, /*hold=*/0);
       return;  // `this` may be gone already
     }
     End(info.status());
@@ -681,7 +686,8 @@ void RetNetService::ReplySaved(UnaryReply<Response>* reply, const std::string& i
   }
   // A new session (fork, create) is in the shared directory before the caller hears of it: its
   // next call may reach another replica.
-  store_->Persist(id, [reply](absl::Status saved) { reply->Done(saved); }, /*hold=*/0);
+  store_->Persist(
+      id, [reply](absl::Status saved) { reply->Done(saved); }, /*hold=*/0);
 }
 
 template <typename Request, typename Response>
@@ -741,6 +747,10 @@ absl::StatusOr<Turn> RetNetService::PrepareTurn(grpc::CallbackServerContext* con
         "turn.session_id: a chat stream stays on its first turn's session");
   }
   RETURN_IF_ERROR(CheckSessionId(public_id, "session_id"));
+  if (request.has_expect_transcript() && request.expect_transcript().length() < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("expect_transcript.length: must be >= 0, got ",
+                                                   request.expect_transcript().length()));
+  }
   if (request.prefill_only() && public_id.empty()) {
     return absl::InvalidArgumentError(
         "prefill_only: needs a session_id (a one-shot request would keep nothing)");
@@ -820,6 +830,15 @@ absl::StatusOr<Turn> RetNetService::PrepareTurn(grpc::CallbackServerContext* con
     req.prompt.insert(req.prompt.end(), request.tokens().ids().begin(),
                       request.tokens().ids().end());
   }
+  if (request.has_expect_transcript()) {
+    req.expect_transcript = common::Transcript{request.expect_transcript().length(),
+                                               request.expect_transcript().digest()};
+  }
+  if (request.has_transcript_text()) {
+    req.transcript_text = request.transcript_text();
+  } else if (!request.has_tokens()) {
+    req.transcript_text = request.text();  // "" without a prompt (a continuing turn)
+  }
   if (context->deadline() != std::chrono::system_clock::time_point::max()) {
     req.deadline = absl::FromChrono(context->deadline());
   }
@@ -850,9 +869,9 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* RetNetService::Generate(
         const std::string id = turn->request.session_id;
         // A one-shot request's session is gone at its end; a named session deleted at the
         // end still gives its claim back through the (then empty) save.
-        const TurnStream::Persist persist =
-            turn->request.delete_session_at_end && turn->hold == 0 ? nullptr
-                                                                   : PersistFor(id, turn->hold);
+        const TurnStream::Persist persist = turn->request.delete_session_at_end && turn->hold == 0
+                                                ? nullptr
+                                                : PersistFor(id, turn->hold);
         reactor->Start(engine_, *std::move(turn), persist);
       });
   if (!queued.ok()) reactor->Fail(queued);

@@ -163,6 +163,10 @@ class TurnStream : public engine::TokenSink, public std::enable_shared_from_this
       fin->set_text(f.text);
       fin->set_stop_sequence(f.stop_string);
       fin->set_session_id(session_id_);
+      if (f.transcript) {
+        fin->mutable_transcript()->set_length(f.transcript->length);
+        fin->mutable_transcript()->set_digest(f.transcript->digest);
+      }
       auto* usage = fin->mutable_usage();
       usage->set_prompt_tokens(f.prompt_tokens);
       usage->set_completion_tokens(f.completion_tokens);

@@ -759,5 +759,101 @@ TEST_F(EngineTest, PrefillOnlyLeavesTheLastTokenPendingForEachFork) {
   EXPECT_EQ(after->pending_token, before->pending_token);
 }
 
+// The transcript is the text of each turn's prompt (transcript_text) followed by the text its
+// reply streamed; forks, snapshots and restores carry it; expect_transcript makes a turn (or a new
+// session) conditional on it; token ids without text, or a turn cut short after it began, make it
+// unknown; a turn refused before it touched the state leaves it as it was.
+TEST_F(EngineTest, TheTranscriptFollowsTheTextOfEachTurn) {
+  using common::Transcript;
+  auto e = MakeEngine();
+  ASSERT_TRUE(e->CreateSession("t").ok());
+  EXPECT_EQ(e->GetSession("t")->transcript, Transcript{});
+  auto turn = [&](const std::string& session, const std::string& text,
+                  std::optional<Transcript> expect, SamplingParams p) {
+    GenerateRequest r{session, Bytes(text), p, std::nullopt};
+    r.transcript_text = text;
+    r.expect_transcript = expect;
+    auto sink = std::make_shared<TestSink>();
+    absl::Status s = e->Submit(std::move(r), sink).status();
+    if (s.ok()) {
+      EXPECT_TRUE(sink->WaitFinish());
+    }
+    return std::make_pair(s, sink);
+  };
+  SamplingParams stop = Greedy(12);
+  stop.stop_strings = {"q"};
+  auto [s1, first] = turn("t", "Hello there.", Transcript{}, stop);
+  ASSERT_TRUE(s1.ok()) << s1;
+  const Transcript after1 = Transcript::Of("Hello there." + first->text());
+  EXPECT_EQ(first->finish().transcript, after1);
+  EXPECT_EQ(e->GetSession("t")->transcript, after1);
+
+  // A stale expectation is refused and changes nothing; the right one runs.
+  const SessionInfo before = *e->GetSession("t");
+  auto [stale, unused] = turn("t", " Next.", Transcript{}, Greedy(3));
+  EXPECT_EQ(stale.code(), absl::StatusCode::kAborted) << stale;
+  EXPECT_NE(stale.message().find("expect_transcript"), std::string::npos) << stale;
+  EXPECT_EQ(e->GetSession("t")->position, before.position);
+  EXPECT_FALSE(e->GetSession("t")->generating);
+  auto [s2, second] = turn("t", " Next.", after1, Greedy(5));
+  ASSERT_TRUE(s2.ok()) << s2;
+  Transcript after2 = after1;
+  after2.Append(" Next." + second->text());
+  EXPECT_EQ(e->GetSession("t")->transcript, after2);
+  EXPECT_TRUE(after2.IsPrefixOf("Hello there." + first->text() + " Next." + second->text() + "!"));
+
+  // Forks, snapshots and restores carry it.
+  ASSERT_TRUE(e->ForkSession("t", "f").ok());
+  EXPECT_EQ(e->GetSession("f")->transcript, after2);
+  auto snap = e->SnapshotSession("t");
+  ASSERT_TRUE(snap.ok()) << snap.status();
+  auto restored = e->RestoreSession(*snap, "r");
+  ASSERT_TRUE(restored.ok()) << restored.status();
+  EXPECT_EQ(restored->transcript, after2);
+
+  // A new session is conditional on the empty transcript.
+  auto [bad_new, unused2] = [&] {
+    GenerateRequest r{"n", Bytes("x"), Greedy(2), std::nullopt};
+    r.new_session = true;
+    r.expect_transcript = Transcript::Of("x");
+    auto sink = std::make_shared<TestSink>();
+    return std::make_pair(e->Submit(std::move(r), sink).status(), sink);
+  }();
+  EXPECT_EQ(bad_new.code(), absl::StatusCode::kAborted) << bad_new;
+  EXPECT_EQ(e->GetSession("n").status().code(), absl::StatusCode::kNotFound);
+
+  // Refused before the state changed (its deadline passed in the queue): left as it was.
+  {
+    GenerateRequest r{"f", Bytes("late"), Greedy(3), absl::Now() - absl::Seconds(1)};
+    r.transcript_text = "late";
+    auto sink = std::make_shared<TestSink>();
+    ASSERT_TRUE(e->Submit(std::move(r), sink).ok());
+    ASSERT_TRUE(sink->WaitFinish());
+    EXPECT_EQ(sink->finish().reason, FinishReason::kDeadline);
+    EXPECT_EQ(e->GetSession("f")->transcript, after2);
+  }
+  // Cancelled after it began: unknown.
+  {
+    GenerateRequest r{"f", Bytes("long"), Greedy(4000), std::nullopt};
+    r.transcript_text = "long";
+    auto sink = std::make_shared<TestSink>();
+    auto g = e->Submit(std::move(r), sink);
+    ASSERT_TRUE(g.ok()) << g.status();
+    ASSERT_TRUE(sink->WaitTokens(2));
+    (*g)->Cancel();
+    ASSERT_TRUE(sink->WaitFinish());
+    EXPECT_EQ(sink->finish().reason, FinishReason::kCancelled);
+    EXPECT_FALSE(e->GetSession("f")->transcript.has_value());
+  }
+  // Token ids that stand for no text: unknown, and it stays unknown.
+  Run(*e, "r", Bytes("ids"), Greedy(2));
+  EXPECT_FALSE(e->GetSession("r")->transcript.has_value());
+  auto [s3, unused3] = turn("r", "text again", std::nullopt, Greedy(2));
+  ASSERT_TRUE(s3.ok()) << s3;
+  EXPECT_FALSE(e->GetSession("r")->transcript.has_value());
+  auto [s4, unused4] = turn("r", "more", Transcript{}, Greedy(2));
+  EXPECT_EQ(s4.code(), absl::StatusCode::kAborted) << s4;
+}
+
 }  // namespace
 }  // namespace retnet::engine
