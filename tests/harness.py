@@ -35,18 +35,18 @@ def finish() -> int:
 class ServerProcess:
     """One retnet-server on `listen` (default 127.0.0.1:0; a port it had, to restart a replica
     behind a gateway in place) (metrics off; the OpenAI HTTP API off unless `http`, then
-    on 127.0.0.1:0 with its port in `http_port`). `log`: a file path for its stdout and stderr
+    on `http_listen`, default 127.0.0.1:0, with its port in `http_port`). `log`: a file path for its stdout and stderr
     (default: inherited); `preexec_fn`: run in the child before exec (resource limits)."""
 
     def __init__(self, binary, tmp, name="server", *extra, log=None, preexec_fn=None,
-                 load_timeout_s=30.0, http=False, listen="127.0.0.1:0"):
+                 load_timeout_s=30.0, http=False, listen="127.0.0.1:0", http_listen="127.0.0.1:0"):
         self.name = name
         self.port_file = os.path.join(tmp, name + ".port")
         self.http_port_file = os.path.join(tmp, name + ".http-port")
         for f in (self.port_file, self.http_port_file):
             if os.path.exists(f):
                 os.unlink(f)
-        http_args = (["--http-listen", "127.0.0.1:0", "--http-port-file", self.http_port_file]
+        http_args = (["--http-listen", http_listen, "--http-port-file", self.http_port_file]
                      if http else ["--http-listen", ""])
         self.log_path = log
         self._log = open(log, "ab") if log else None

@@ -311,7 +311,11 @@ def main():
     if os.path.exists(args.nginx):
         with tempfile.TemporaryDirectory() as tmp:
             rendered = (template.replace("${GATEWAY_LISTEN}", "127.0.0.1:8080")
+                        .replace("${GATEWAY_HTTP_LISTEN}", "127.0.0.1:8081")
+                        .replace("${RETNET_REPLICA_0_HTTP}", "127.0.0.1:8000")
+                        .replace("${RETNET_REPLICA_1_HTTP}", "127.0.0.1:8001")
                         .replace("${RETNET_REPLICA_0}", "127.0.0.1:50051").replace("${RETNET_REPLICA_1}", "127.0.0.1:50052"))
+            check("${" not in rendered, "the gateway template has only the documented variables")
             open(os.path.join(tmp, "retnet.conf"), "w").write(rendered)
             os.makedirs(os.path.join(tmp, "logs"))
             open(os.path.join(tmp, "nginx.conf"), "w").write(

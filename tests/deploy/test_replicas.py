@@ -17,6 +17,7 @@ The gateway is rendered from the same template the compose file and Kubernetes u
 """
 
 import argparse
+import http.client
 import json
 import os
 import shutil
@@ -33,22 +34,30 @@ from harness import FAILURES, RedisServer, ServerProcess, check, free_port  # no
 
 
 
-def Replica(binary, tmp, name, store, listen="127.0.0.1:0"):
-    return ServerProcess(binary, tmp, name, "--session-store", store, "--drain-grace-s", "60",
-                         "--log-level", "info", log=os.path.join(tmp, name + ".log"), listen=listen)
+def Replica(binary, tmp, name, store, listen="127.0.0.1:0", http_listen="127.0.0.1:0"):
+    s = ServerProcess(binary, tmp, name, "--session-store", store, "--drain-grace-s", "60",
+                      "--log-level", "info", log=os.path.join(tmp, name + ".log"), listen=listen,
+                      http=True, http_listen=http_listen)
+    s.http_target = f"127.0.0.1:{s.http_port}"
+    return s
 
 
 class Gateway:
-    """nginx in the foreground with the project's template; retried on another port if taken."""
+    """nginx in the foreground with the project's template (gRPC on `port`, the OpenAI API on
+    `http_port`, proxied to `http_upstreams`: unused addresses when None); retried on other ports
+    if taken."""
 
-    def __init__(self, nginx, template, tmp, upstreams):
+    def __init__(self, nginx, template, tmp, upstreams, http_upstreams=None):
         self.prefix = os.path.join(tmp, "nginx")
         os.makedirs(os.path.join(self.prefix, "logs"), exist_ok=True)
         body = open(template).read()
         for attempt in range(5):
-            self.port = free_port()
+            self.port, self.http_port = free_port(), free_port()
             rendered = body.replace("${GATEWAY_LISTEN}", f"127.0.0.1:{self.port}")
+            rendered = rendered.replace("${GATEWAY_HTTP_LISTEN}", f"127.0.0.1:{self.http_port}")
             for i, u in enumerate(upstreams):
+                rendered = rendered.replace("${RETNET_REPLICA_%d_HTTP}" % i,
+                                            http_upstreams[i] if http_upstreams else "127.0.0.1:9")
                 rendered = rendered.replace("${RETNET_REPLICA_%d}" % i, u)
             check("${" not in rendered, "gateway template fully rendered") if attempt == 0 else None
             open(os.path.join(self.prefix, "retnet.conf"), "w").write(rendered)
@@ -66,7 +75,8 @@ class Gateway:
                 if self.proc.poll() is not None:
                     break
                 try:
-                    socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                    for port in (self.port, self.http_port):
+                        socket.create_connection(("127.0.0.1", port), timeout=1).close()
                     self.target = f"127.0.0.1:{self.port}"
                     return
                 except OSError:
@@ -87,6 +97,19 @@ class Gateway:
                 self.proc.wait()
 
 
+def chat(port, messages, session=None, max_tokens=12):
+    """(status, JSON body) of one greedy POST /v1/chat/completions to 127.0.0.1:`port`."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    conn.request("POST", "/v1/chat/completions",
+                 body=json.dumps({"model": "retnet-default", "messages": messages,
+                                  "max_tokens": max_tokens, "temperature": 0}),
+                 headers={"Content-Type": "application/json", **({"x-session-id": session} if session else {})})
+    r = conn.getresponse()
+    body = json.loads(r.read().decode() or "{}")
+    conn.close()
+    return r.status, body
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--server", required=True)
@@ -105,7 +128,8 @@ def main():
     replicas = [Replica(args.server, tmp, f"replica{i}", state) for i in range(2)]
     gw = None
     try:
-        gw = Gateway(args.nginx, args.template, tmp, [r.target for r in replicas])
+        gw = Gateway(args.nginx, args.template, tmp, [r.target for r in replicas],
+                     [r.http_target for r in replicas])
         direct = [Client(r.target) for r in replicas]
         via = Client(gw.target)
 
@@ -173,6 +197,21 @@ def main():
             expected[sid] = greedy(direct[victim], prompts[2], "probe-" + sid, 12).tokens
             direct[victim].delete_session("probe-" + sid)
 
+        # An OpenAI chat through the gateway's HTTP endpoint, held by the replica to stop.
+        chat_sid, chat_next = None, None
+        for i in range(32):  # bounded: names until one lands on that replica
+            m1 = [{"role": "user", "content": f"Hello number {i}."}]
+            status, t1 = chat(gw.http_port, m1, f"chat-{i}")
+            if status != 200:
+                check(False, f"a chat turn through the gateway's HTTP endpoint ({status} {t1})")
+                break
+            if f"chat-{i}" in {x.session_id for x in direct[victim].list_sessions()}:
+                chat_sid = f"chat-{i}"
+                chat_next = m1 + [{"role": "assistant", "content": t1["choices"][0]["message"]["content"]},
+                                  {"role": "user", "content": "And then?"}]
+                break
+        check(chat_sid is not None, "an OpenAI chat session through the gateway lands on the replica to stop")
+
         # 4. SIGTERM replica 0 while one of its sessions is generating (through the gateway).
         busy = moving[0]
         pieces = via.generate(" Amen", session=busy, max_new_tokens=200, temperature=0, ignore_eos=True)
@@ -200,8 +239,16 @@ def main():
         ref = greedy(direct[survivor], convo, "reference-busy", 12).tokens
         nxt = greedy(via, prompts[2], busy, 12).tokens
         check(nxt == ref, "and continues with exactly the tokens of one pass over its conversation")
+        if chat_sid is not None:
+            status, t2 = chat(gw.http_port, chat_next, chat_sid)
+            _, whole = chat(gw.http_port, chat_next)
+            check(status == 200 and t2["choices"][0]["message"] == whole["choices"][0]["message"] and
+                  t2["usage"]["prompt_tokens"] < whole["usage"]["prompt_tokens"],
+                  f"the OpenAI chat continues through the gateway on the other replica, as the whole "
+                  f"conversation sent at once, prefilling only its new part ({status} {t2.get('error')})")
         after = holders([survivor])[0]
         check(all(s in after for s in ids), "the surviving replica now holds every session")
+        check(chat_sid is None or chat_sid in after, "the chat session moved to the surviving replica")
         # Deleting a moved session removes its snapshot too: no replica can revive it.
         gone = moving[1]
         via.delete_session(gone)
