@@ -10,6 +10,8 @@ Servers listen on 127.0.0.1 port 0 and report the bound port through --port-file
 it is bounded (the model loads first).
 """
 
+import http.client
+import json
 import os
 import signal
 import subprocess
@@ -191,3 +193,28 @@ def metric_sum(text, name, labels=""):
                 else line.startswith(name + " ") or line.startswith(name + "{")):
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+def openai_chat(port, messages, session=None, max_tokens=12, stream=False, model="retnet-default"):
+    """(status, JSON body) of one greedy POST /v1/chat/completions to 127.0.0.1:`port`, with
+    `session` as x-session-id; streamed: the deltas joined into the body's one message."""
+    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
+            "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    headers = {"Content-Type": "application/json", **({"x-session-id": session} if session else {})}
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    conn.request("POST", "/v1/chat/completions", body=json.dumps(body), headers=headers)
+    r = conn.getresponse()
+    data = r.read().decode()
+    conn.close()
+    if r.status != 200 or not stream:
+        return r.status, json.loads(data)
+    text, usage = "", None
+    for line in data.split("\n"):
+        if line.startswith("data: {"):
+            event = json.loads(line[6:])
+            for c in event.get("choices", []):
+                text += c["delta"].get("content") or ""
+            usage = event.get("usage") or usage
+    return 200, {"choices": [{"message": {"content": text}}], "usage": usage}

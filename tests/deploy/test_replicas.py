@@ -17,7 +17,6 @@ The gateway is rendered from the same template the compose file and Kubernetes u
 """
 
 import argparse
-import http.client
 import json
 import os
 import shutil
@@ -30,7 +29,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from harness import FAILURES, RedisServer, ServerProcess, check, free_port  # noqa: E402
+from harness import FAILURES, RedisServer, ServerProcess, check, free_port, openai_chat  # noqa: E402
 
 
 
@@ -95,19 +94,6 @@ class Gateway:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-
-
-def chat(port, messages, session=None, max_tokens=12):
-    """(status, JSON body) of one greedy POST /v1/chat/completions to 127.0.0.1:`port`."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-    conn.request("POST", "/v1/chat/completions",
-                 body=json.dumps({"model": "retnet-default", "messages": messages,
-                                  "max_tokens": max_tokens, "temperature": 0}),
-                 headers={"Content-Type": "application/json", **({"x-session-id": session} if session else {})})
-    r = conn.getresponse()
-    body = json.loads(r.read().decode() or "{}")
-    conn.close()
-    return r.status, body
 
 
 def main():
@@ -201,7 +187,7 @@ def main():
         chat_sid, chat_next = None, None
         for i in range(32):  # bounded: names until one lands on that replica
             m1 = [{"role": "user", "content": f"Hello number {i}."}]
-            status, t1 = chat(gw.http_port, m1, f"chat-{i}")
+            status, t1 = openai_chat(gw.http_port, m1, f"chat-{i}")
             if status != 200:
                 check(False, f"a chat turn through the gateway's HTTP endpoint ({status} {t1})")
                 break
@@ -240,8 +226,8 @@ def main():
         nxt = greedy(via, prompts[2], busy, 12).tokens
         check(nxt == ref, "and continues with exactly the tokens of one pass over its conversation")
         if chat_sid is not None:
-            status, t2 = chat(gw.http_port, chat_next, chat_sid)
-            _, whole = chat(gw.http_port, chat_next)
+            status, t2 = openai_chat(gw.http_port, chat_next, chat_sid)
+            _, whole = openai_chat(gw.http_port, chat_next)
             check(status == 200 and t2["choices"][0]["message"] == whole["choices"][0]["message"] and
                   t2["usage"]["prompt_tokens"] < whole["usage"]["prompt_tokens"],
                   f"the OpenAI chat continues through the gateway on the other replica, as the whole "

@@ -16,8 +16,6 @@ Checks, against real servers on 127.0.0.1 (the built-in model, greedy):
 """
 
 import argparse
-import http.client
-import json
 import os
 import shutil
 import sys
@@ -25,9 +23,7 @@ import tempfile
 import threading
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from harness import FAILURES, RedisServer, ServerProcess, check, finish  # noqa: E402
-
-MODEL = "retnet-default"
+from harness import FAILURES, RedisServer, ServerProcess, check, finish, openai_chat  # noqa: E402
 
 
 def fnv1a(data: bytes) -> int:
@@ -35,30 +31,6 @@ def fnv1a(data: bytes) -> int:
     for b in data:
         h = ((h ^ b) * 1099511628211) & 0xFFFFFFFFFFFFFFFF
     return h
-
-
-def chat(server, messages, session=None, max_tokens=12, stream=False):
-    """(status, body as JSON or the SSE deltas joined, usage) of one /v1/chat/completions."""
-    body = {"model": MODEL, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
-            "stream": stream}
-    if stream:
-        body["stream_options"] = {"include_usage": True}
-    headers = {"Content-Type": "application/json", **({"x-session-id": session} if session else {})}
-    conn = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=120)
-    conn.request("POST", "/v1/chat/completions", body=json.dumps(body), headers=headers)
-    r = conn.getresponse()
-    data = r.read().decode()
-    conn.close()
-    if r.status != 200 or not stream:
-        return r.status, json.loads(data)
-    text, usage = "", None
-    for line in data.split("\n"):
-        if line.startswith("data: {"):
-            event = json.loads(line[6:])
-            for c in event.get("choices", []):
-                text += c["delta"].get("content") or ""
-            usage = event.get("usage") or usage
-    return 200, {"choices": [{"message": {"content": text}}], "usage": usage}
 
 
 def reply(body):
@@ -90,7 +62,7 @@ def main():
         return s
 
     def whole(server, messages, max_tokens=12):
-        status, body = chat(server, messages, max_tokens=max_tokens)
+        status, body = openai_chat(server.http_port, messages, max_tokens=max_tokens)
         assert status == 200, body
         return body
 
@@ -136,10 +108,10 @@ def main():
             b = serve("replica1", "--session-store", redis.url)
             sid = "moving-chat"
             m1 = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hello there."}]
-            status, t1 = chat(a, m1, sid)
+            status, t1 = openai_chat(a.http_port, m1, sid)
             check(status == 200, f"replicas: turn 1 on replica 0 ({status} {error(t1)})")
             m2 = m1 + [{"role": "assistant", "content": reply(t1)}, {"role": "user", "content": "And then?"}]
-            status, t2 = chat(b, m2, sid)
+            status, t2 = openai_chat(b.http_port, m2, sid)
             check(status == 200, f"replicas: turn 2 on replica 1 continues the chat ({status} {error(t2)})")
             if status == 200:
                 w2 = whole(b, m2)
@@ -148,10 +120,10 @@ def main():
                       f"replicas: turn 2 prefills only its new part ({t2['usage']['prompt_tokens']} < "
                       f"{w2['usage']['prompt_tokens']} tokens)")
                 m3 = m2 + [{"role": "assistant", "content": reply(t2)}, {"role": "user", "content": "Ok."}]
-                status, t3 = chat(a, m3, sid, stream=True)
+                status, t3 = openai_chat(a.http_port, m3, sid, stream=True)
                 check(status == 200 and reply(t3) == reply(whole(a, m3)),
                       f"replicas: a streamed turn 3 back on replica 0 equals the whole conversation ({status})")
-                status, body = chat(b, m1 + [{"role": "assistant", "content": "Something else."},
+                status, body = openai_chat(b.http_port, m1 + [{"role": "assistant", "content": "Something else."},
                                              {"role": "user", "content": "Hm."}], sid)
                 check(status == 400 and "do not extend" in error(body),
                       f"replicas: messages that do not extend it are a 400 ({status} {error(body)})")
@@ -159,11 +131,11 @@ def main():
                 cb = Client(b.target, retries=0, timeout=60)
                 cb.complete(" (an aside)", session=sid, max_new_tokens=3, temperature=0)
                 m4 = m3 + [{"role": "assistant", "content": reply(t3)}, {"role": "user", "content": "Go on."}]
-                status, body = chat(a, m4, sid)
+                status, body = openai_chat(a.http_port, m4, sid)
                 check(status == 400 and "do not extend" in error(body),
                       f"replicas: after a gRPC turn in between the old messages are refused ({status})")
                 cb.complete([33, 33], session=sid, max_new_tokens=2, temperature=0)
-                status, body = chat(b, m4, sid)
+                status, body = openai_chat(b.http_port, m4, sid)
                 check(status == 400 and "not text" in error(body),
                       f"replicas: after a prompt of token ids the chat says the session is not text ({status} "
                       f"{error(body)})")
@@ -173,26 +145,26 @@ def main():
         state = os.path.join(tmp, "state")
         s = serve("durable0", "--state-dir", state, "--state-dir-write-through")
         m1 = [{"role": "user", "content": "Remember me."}]
-        status, t1 = chat(s, m1, "durable")
+        status, t1 = openai_chat(s.http_port, m1, "durable")
         check(status == 200, f"state dir: turn 1 ({status})")
         s.stop()
         s = serve("durable1", "--state-dir", state, "--state-dir-write-through")
         m2 = m1 + [{"role": "assistant", "content": reply(t1)}, {"role": "user", "content": "Still there?"}]
-        status, t2 = chat(s, m2, "durable")
+        status, t2 = openai_chat(s.http_port, m2, "durable")
         check(status == 200 and reply(t2) == reply(whole(s, m2)),
               f"state dir: after a restart the chat continues as the whole conversation would ({status} "
               f"{error(t2)})")
 
         # 4. Two requests on one session at once: one answers, the other never runs on the wrong text.
         m1 = [{"role": "user", "content": "Race."}]
-        status, t1 = chat(s, m1, "racing", max_tokens=4)
+        status, t1 = openai_chat(s.http_port, m1, "racing", max_tokens=4)
         m2 = m1 + [{"role": "assistant", "content": reply(t1)}, {"role": "user", "content": "Who wins?"}]
         results = [None, None]
         barrier = threading.Barrier(2)
 
         def run(k):
             barrier.wait(timeout=30)
-            results[k] = chat(s, m2, "racing", max_tokens=60)
+            results[k] = openai_chat(s.http_port, m2, "racing", max_tokens=60)
 
         threads = [threading.Thread(target=run, args=(k,)) for k in (0, 1)]
         for th in threads:
@@ -205,7 +177,7 @@ def main():
         won = [r[1] for r in results if r is not None and r[0] == 200]
         if won:
             m3 = m2 + [{"role": "assistant", "content": reply(won[0])}, {"role": "user", "content": "Next."}]
-            status, t3 = chat(s, m3, "racing")
+            status, t3 = openai_chat(s.http_port, m3, "racing")
             check(status == 200 and reply(t3) == reply(whole(s, m3)),
                   f"race: the conversation goes on from the answer ({status})")
     finally:
