@@ -14,7 +14,6 @@
 #include <set>
 #include <thread>
 
-#include "absl/cleanup/cleanup.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -602,8 +601,7 @@ namespace {
 struct Choice {
   std::string text;
   std::string finish;  // empty until its Final
-  int64_t prompt_tokens = 0, completion_tokens = 0, session_tokens = 0;
-  bool eos = false;
+  int64_t prompt_tokens = 0, completion_tokens = 0;
   json logprobs;  // chat: {"content": [...]}; completions: the four parallel lists
   int64_t text_offset = 0;
   bool role_sent = false;
@@ -693,10 +691,8 @@ struct Output {
     if (e.kind != Event::kFinal) return "";
     c.text += e.final.text();
     c.finish = FinishName(e.final.finish_reason());
-    c.eos = e.final.finish_reason() == v1::FINISH_REASON_EOS_TOKEN;
     c.prompt_tokens = e.final.usage().prompt_tokens();
     c.completion_tokens = e.final.usage().completion_tokens();
-    c.session_tokens = e.final.usage().session_tokens_total();
     return e.final.text();
   }
 
